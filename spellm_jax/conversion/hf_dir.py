@@ -1,0 +1,90 @@
+"""Reads and writes Hugging Face model directories (config.json + safetensors or .bin weights)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from spellm_jax.conversion.errors import ConversionError
+from spellm_jax.conversion.mapping import TIED_LM_HEAD
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
+                 "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def is_hf_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def read_hf_config(path: Path) -> dict[str, Any]:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ConversionError(f"{path} has no config.json; point --source at a Hugging Face "
+                              "model directory (config.json + weights).")
+    return json.loads(config_file.read_text())
+
+
+def _torch_to_numpy(tensor) -> np.ndarray:
+    import torch
+
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:  # numpy has no bf16: keep the bits exactly
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def _weight_files(path: Path) -> list[Path]:
+    for name in _WEIGHT_FILES:
+        candidate = path / name
+        if not candidate.is_file():
+            continue
+        if name.endswith(".index.json"):
+            shards = sorted(set(json.loads(candidate.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (path / s).is_file()]
+            if missing:
+                raise ConversionError(f"{candidate} lists shards that are missing: {missing}. "
+                                      "Download the complete checkpoint.")
+            return [path / s for s in shards]
+        return [candidate]
+    raise ConversionError(f"{path} holds no weights: expected one of {', '.join(_WEIGHT_FILES)}.")
+
+
+def read_hf_tensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of an HF directory as numpy, in its stored dtype."""
+    from safetensors import safe_open
+
+    tensors: dict[str, np.ndarray] = {}
+    for file in _weight_files(path):
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    tensors[name] = _torch_to_numpy(handle.get_tensor(name))
+        else:
+            import torch
+
+            state = torch.load(str(file), map_location="cpu", weights_only=True)
+            tensors.update({name: _torch_to_numpy(t) for name, t in state.items()})
+    return tensors
+
+
+def write_hf_dir(path: Path, hf_config: dict[str, Any], hf_state: dict[str, np.ndarray]) -> None:
+    """Writes `config.json` + `model.safetensors` that transformers loads with no custom code."""
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    if hf_config.get("tie_word_embeddings"):
+        hf_state = {k: v for k, v in hf_state.items() if k != TIED_LM_HEAD}
+    tensors = {}
+    for name, value in hf_state.items():
+        array = np.ascontiguousarray(value)
+        if array.dtype == ml_dtypes.bfloat16:
+            tensors[name] = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+        else:
+            tensors[name] = torch.from_numpy(array)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(hf_config, indent=2))

@@ -1,0 +1,305 @@
+"""Flax NNX Llama-family decoder: GQA, RoPE (HF `rotate_half` layout), RMSNorm, SwiGLU, KV cache.
+
+Covers Llama 2/3/3.x, Mistral, Qwen2 (q/k/v bias) and SmolLM. The backbone returns the final
+normed hidden state, so output layers (the LM head, the character heads) sit on top of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from spellm_jax import sharding
+from spellm_jax.models.config import ModelConfig, UnsupportedModelError, rope_inverse_frequencies
+
+RematPolicy = Literal["none", "full", "dots"]
+
+_kernel_init = jax.nn.initializers.normal(0.02)
+_zeros = jax.nn.initializers.zeros
+_ones = jax.nn.initializers.ones
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeOptions:
+    """How the model computes, independent of what it computes."""
+
+    dtype: jnp.dtype = jnp.float32  # activations / matmul inputs
+    param_dtype: jnp.dtype = jnp.float32
+    scan_layers: bool = False
+    remat: RematPolicy = "none"
+
+
+@struct.dataclass
+class KVCache:
+    """Static-size key/value cache for every layer: `[layers, batch, max_len, kv_heads, head_dim]`."""
+
+    keys: jax.Array
+    values: jax.Array
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[2]
+
+
+class Dense(nnx.Module):
+    """`x @ kernel (+ bias)` with kernel `[in, out]` (HF weight transposed) and logical axes."""
+
+    def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, use_bias: bool,
+                 options: RuntimeOptions, rngs: nnx.Rngs):
+        self.kernel = sharding.param(rngs.params(), _kernel_init, (d_in, d_out), axes,
+                                     options.param_dtype)
+        self.bias = (sharding.param(rngs.params(), _zeros, (d_out,), axes[1:], options.param_dtype)
+                     if use_bias else None)
+        self.dtype = options.dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm computed in fp32, cast back before the scale (as transformers does)."""
+
+    def __init__(self, dim: int, eps: float, *, options: RuntimeOptions, rngs: nnx.Rngs):
+        self.weight = sharding.param(rngs.params(), _ones, (dim,), ("norm",), options.param_dtype)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos/sin `[B, T, head_dim]` for integer positions `[B, T]`."""
+    inv_freq = jnp.asarray(np.asarray(rope_inverse_frequencies(config), np.float32))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x `[B, T, heads, head_dim]`."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    out = x.astype(jnp.float32) * cos + rotate_half(x.astype(jnp.float32)) * sin
+    return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query causal self-attention with an optional static KV cache."""
+
+    def __init__(self, config: ModelConfig, options: RuntimeOptions, rngs: nnx.Rngs):
+        d, hd = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_heads, config.num_kv_heads, hd)
+        self.q_proj = Dense(d, config.num_heads * hd, ("embed", "heads"),
+                            use_bias=config.qkv_bias, options=options, rngs=rngs)
+        self.k_proj = Dense(d, config.num_kv_heads * hd, ("embed", "kv_heads"),
+                            use_bias=config.qkv_bias, options=options, rngs=rngs)
+        self.v_proj = Dense(d, config.num_kv_heads * hd, ("embed", "kv_heads"),
+                            use_bias=config.qkv_bias, options=options, rngs=rngs)
+        self.o_proj = Dense(config.num_heads * hd, d, ("heads", "embed"),
+                            use_bias=config.o_bias, options=options, rngs=rngs)
+
+    def __call__(self, x, cos, sin, key_valid, write_index, cache_kv):
+        """x `[B, T, d]`; key_valid `[B, S]`; cache_kv `(k, v)` of `[B, S, kv, hd]` or None.
+
+        Without a cache S = T. With one, this call's keys are written at slots
+        `write_index .. write_index + T` and queries attend to every valid slot up to their own.
+        """
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache_kv is not None:
+            cache_k, cache_v = cache_kv
+            k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), write_index, 1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), write_index, 1)
+        query_slots = write_index + jnp.arange(t)
+        key_slots = jnp.arange(k.shape[1])
+        allowed = (key_slots[None, :] <= query_slots[:, None])[None] & key_valid[:, None, :]
+        groups = self.num_heads // self.num_kv_heads
+        q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
+                            preferred_element_type=jnp.float32) * self.head_dim**-0.5
+        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
+        out = self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+        return out, (None if cache_kv is None else (k, v))
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig, options: RuntimeOptions, rngs: nnx.Rngs):
+        d, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = Dense(d, f, ("embed", "mlp"), use_bias=bias, options=options, rngs=rngs)
+        self.up_proj = Dense(d, f, ("embed", "mlp"), use_bias=bias, options=options, rngs=rngs)
+        self.down_proj = Dense(f, d, ("mlp", "embed"), use_bias=bias, options=options, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, config: ModelConfig, options: RuntimeOptions, rngs: nnx.Rngs):
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, options=options, rngs=rngs)
+        self.self_attn = Attention(config, options, rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, options=options, rngs=rngs)
+        self.mlp = MLP(config, options, rngs)
+
+    def __call__(self, x, cos, sin, key_valid, write_index, cache_kv):
+        attn_out, cache_kv = self.self_attn(
+            self.input_layernorm(x), cos, sin, key_valid, write_index, cache_kv)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, cache_kv
+
+
+def _remat(fn, policy: RematPolicy):
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
+    if policy == "dots":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.checkpoint_dots)
+    raise ValueError(f"remat={policy!r}; choose one of 'none', 'full', 'dots'.")
+
+
+def _run_block(graphdef, block_state, x, cos, sin, key_valid, write_index, cache_kv):
+    return nnx.merge(graphdef, block_state)(x, cos, sin, key_valid, write_index, cache_kv)
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Position of each token counted over real (mask=1) tokens only; padding gets 0."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class Llama(nnx.Module):
+    """Token embedding, the decoder blocks and the final norm; returns normed hidden states."""
+
+    def __init__(self, config: ModelConfig, options: RuntimeOptions, rngs: nnx.Rngs):
+        self.config, self.options = config, options
+        self.embed_tokens = sharding.param(
+            rngs.params(), _kernel_init, (config.vocab_size, config.hidden_size),
+            ("vocab", "embed"), options.param_dtype)
+        if options.scan_layers:
+            @nnx.split_rngs(splits=config.num_layers)
+            @nnx.vmap(in_axes=0, out_axes=0, transform_metadata=sharding.STACKED_LAYERS_METADATA)
+            def stacked_blocks(rngs: nnx.Rngs) -> Block:
+                return Block(config, options, rngs)
+
+            self.layers = stacked_blocks(rngs)
+        else:
+            self.layers = nnx.List([Block(config, options, rngs) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, options=options, rngs=rngs)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+        write_index: jax.Array | int = 0,
+        key_valid: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Hidden states `[B, T, d]` after the final norm, and the updated cache.
+
+        attention_mask `[B, T]` marks real tokens (left padding is 0). With a cache, `key_valid`
+        `[B, S]` marks the cache slots holding real tokens after this call's write.
+        """
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), jnp.bool_)
+        attention_mask = attention_mask.astype(jnp.bool_)
+        if positions is None:
+            positions = positions_from_mask(attention_mask)
+        if key_valid is None:
+            if cache is not None:
+                raise ValueError("decoding with a cache needs key_valid for every cache slot.")
+            key_valid = attention_mask
+        num_keys = t if cache is None else cache.max_len
+        window = self.config.sliding_window
+        if window is not None and num_keys > window:
+            raise UnsupportedModelError(
+                f"this {self.config.model_type} model uses a sliding attention window of {window} "
+                f"tokens, but {num_keys} keys were asked for; spellm_jax implements full causal "
+                f"attention only, so keep sequences (and KV caches) at most {window} long.")
+        cos, sin = rope_tables(self.config, positions)
+        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.options.dtype)
+        run = _remat(_run_block, self.options.remat)
+        if self.options.scan_layers:
+            graphdef, stacked = nnx.split(self.layers)
+
+            def body(h, layer):
+                block_state, cache_kv = layer
+                h, cache_kv = run(graphdef, block_state, h, cos, sin, key_valid, write_index,
+                                  cache_kv)
+                return h, cache_kv
+
+            per_layer_cache = None if cache is None else (cache.keys, cache.values)
+            x, new_kv = jax.lax.scan(body, x, (stacked, per_layer_cache))
+        else:
+            new_k, new_v = [], []
+            for i, block in enumerate(self.layers):
+                graphdef, block_state = nnx.split(block)
+                layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
+                x, layer_cache = run(graphdef, block_state, x, cos, sin, key_valid, write_index,
+                                     layer_cache)
+                if layer_cache is not None:
+                    new_k.append(layer_cache[0])
+                    new_v.append(layer_cache[1])
+            new_kv = None if cache is None else (jnp.stack(new_k), jnp.stack(new_v))
+        new_cache = None if cache is None else KVCache(*new_kv)
+        return self.norm(x), new_cache
+
+
+class LlamaForCausalLM(nnx.Module):
+    """The backbone plus the ordinary LM head (tied to the embedding or a separate matrix)."""
+
+    def __init__(self, config: ModelConfig, options: RuntimeOptions | None = None, *,
+                 rngs: nnx.Rngs):
+        options = options or RuntimeOptions()
+        self.config, self.options = config, options
+        self.model = Llama(config, options, rngs)
+        self.lm_head = None if config.tie_word_embeddings else Dense(
+            config.hidden_size, config.vocab_size, ("embed", "vocab"),
+            use_bias=False, options=options, rngs=rngs)
+
+    def lm_logits(self, hidden: jax.Array) -> jax.Array:
+        """Token logits `[..., V]` (fp32) from final hidden states."""
+        if self.lm_head is None:
+            weight = self.model.embed_tokens[...].astype(self.options.dtype)
+            logits = jnp.einsum("...d,vd->...v", hidden.astype(self.options.dtype), weight,
+                                preferred_element_type=jnp.float32)
+        else:
+            logits = self.lm_head(hidden)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """Logits `[B, T, V]` of a (left-padded) batch."""
+        hidden, _ = self.model(input_ids, attention_mask=attention_mask)
+        return self.lm_logits(hidden)

@@ -1,0 +1,139 @@
+"""Parameters as flat `{"model/layers/0/self_attn/q_proj/kernel": array}` dicts, and their layouts.
+
+The canonical layout has one entry per layer (`model/layers/{i}/...`); a `scan_layers` model holds
+the same tensors stacked along a leading layer axis (`model/layers/...`). Checkpoints and the
+conversion table speak flat dicts; these helpers move them in and out of NNX modules.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+
+LAYER_KEY = re.compile(r"^(?P<prefix>.*?layers)/(?P<index>\d+)/(?P<rest>.+)$")
+
+
+class ParamMismatchError(ValueError):
+    """Parameters that do not fit the model they are loaded into."""
+
+
+def flatten(nested: Mapping, prefix: str = "") -> dict:
+    """`{"a": {"b": x}}` -> `{"a/b": x}` (keys become strings)."""
+    flat = {}
+    for key, value in nested.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, path + "/"))
+        else:
+            flat[path] = value
+    return flat
+
+
+def unflatten(flat: Mapping) -> dict:
+    nested: dict = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split("/")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def stack_layers(flat: Mapping) -> dict:
+    """Per-layer entries `.../layers/{i}/x` -> one stacked entry `.../layers/x` (leading axis i)."""
+    stacked: dict = {}
+    groups: dict[str, dict[int, object]] = {}
+    for path, value in flat.items():
+        match = LAYER_KEY.match(path)
+        if match is None:
+            stacked[path] = value
+        else:
+            key = f"{match['prefix']}/{match['rest']}"
+            groups.setdefault(key, {})[int(match["index"])] = value
+    for key, by_layer in groups.items():
+        if sorted(by_layer) != list(range(len(by_layer))):
+            raise ParamMismatchError(f"{key}: layers {sorted(by_layer)} are not 0..n-1.")
+        stack = np.stack if all(isinstance(v, np.ndarray) for v in by_layer.values()) else (
+            jax.numpy.stack)
+        stacked[key] = stack([by_layer[i] for i in range(len(by_layer))])
+    return stacked
+
+
+def unstack_layers(flat: Mapping, stacked_keys: set[str]) -> dict:
+    """Inverse of `stack_layers` for the entries named in `stacked_keys`."""
+    out = {}
+    for path, value in flat.items():
+        if path not in stacked_keys:
+            out[path] = value
+            continue
+        prefix, rest = path.split("/layers/", 1)
+        for i in range(value.shape[0]):
+            out[f"{prefix}/layers/{i}/{rest}"] = value[i]
+    return out
+
+
+def _stacked_keys(module: nnx.Module) -> set[str]:
+    """Flat keys of a module's parameters that carry a leading stacked-layers axis."""
+    keys = set()
+    for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+        axes = variable.get_metadata().get("logical_axes") or ()
+        if axes and axes[0] == "layers":
+            keys.add("/".join(str(p) for p in path))
+    return keys
+
+
+def model_params(module: nnx.Module, canonical: bool = True) -> dict:
+    """Flat params of a module; `canonical` unstacks scanned layers into one entry per layer."""
+    flat = {"/".join(str(p) for p in path): variable.get_value()
+            for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    return unstack_layers(flat, _stacked_keys(module)) if canonical else flat
+
+
+def param_shapes(module: nnx.Module) -> dict[str, tuple[int, ...]]:
+    """Canonical flat key -> shape, computed without allocating (works on abstract modules)."""
+    flat = {"/".join(str(p) for p in path): variable.get_value()
+            for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    stacked = _stacked_keys(module)
+    shapes = {}
+    for key, value in flat.items():
+        if key in stacked:
+            prefix, rest = key.split("/layers/", 1)
+            for i in range(value.shape[0]):
+                shapes[f"{prefix}/layers/{i}/{rest}"] = tuple(value.shape[1:])
+        else:
+            shapes[key] = tuple(value.shape)
+    return shapes
+
+
+def check_params(expected: Mapping[str, tuple[int, ...]], flat: Mapping, source: str) -> None:
+    """Raises ParamMismatchError naming every missing, unexpected or mis-shaped parameter."""
+    missing = sorted(set(expected) - set(flat))
+    unexpected = sorted(set(flat) - set(expected))
+    wrong = sorted(f"{k}: got {tuple(np.shape(flat[k]))}, model needs {expected[k]}"
+                   for k in set(expected) & set(flat) if tuple(np.shape(flat[k])) != expected[k])
+    if missing or unexpected or wrong:
+        lines = [f"parameters from {source} do not fit the model:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected),
+                             ("shape mismatch", wrong)):
+            if items:
+                shown = ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
+                lines.append(f"  {title}: {shown}")
+        lines.append("Check that the config matches the weights (model type, sizes, tied embeddings).")
+        raise ParamMismatchError("\n".join(lines))
+
+
+def load_params(module: nnx.Module, flat: Mapping, source: str = "the given weights") -> None:
+    """Writes canonical flat params into a module (stacking layers for a scanned model)."""
+    check_params(param_shapes(module), flat, source)
+    stacked_keys = _stacked_keys(module)
+    layout = stack_layers(flat) if stacked_keys else dict(flat)
+    state = nnx.state(module, nnx.Param)
+    for path, variable in nnx.to_flat_state(state):
+        value = layout["/".join(str(p) for p in path)]
+        variable.set_value(jax.numpy.asarray(value, dtype=variable.get_value().dtype))
+    nnx.update(module, state)
