@@ -81,7 +81,7 @@ def write_hf_dir(path: Path, hf_config: dict[str, Any], hf_state: dict[str, np.n
         hf_state = {k: v for k, v in hf_state.items() if k != TIED_LM_HEAD}
     tensors = {}
     for name, value in hf_state.items():
-        array = np.ascontiguousarray(value)
+        array = np.array(value, order="C")  # a writable copy: torch refuses read-only memory
         if array.dtype == ml_dtypes.bfloat16:
             tensors[name] = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
         else:

@@ -27,11 +27,13 @@ BUNDLED_SOURCES = {"smollm2": assets.SMOLLM2}
 CONVERTED_MARKER = "spellm_conversion.json"
 MODEL_CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 @dataclasses.dataclass
 class Pretrained:
-    """A pretrained model in our terms: config, canonical flat params, tokenizer."""
+    """A pretrained model in our terms: config, canonical flat params, tokenizer (None when the
+    source ships none)."""
 
     config: ModelConfig
     params: dict[str, Any]
@@ -47,12 +49,19 @@ def _log(message: str) -> None:
     print(f"spellm_jax: {message}", file=sys.stderr, flush=True)
 
 
-def _read_hf(path: Path, source: str) -> Pretrained:
+def _tokenizer_in(path: Path):
+    """The tokenizer saved in a directory, or None when it holds none (weights-only dirs)."""
     from transformers import AutoTokenizer
 
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        return None
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _read_hf(path: Path, source: str) -> Pretrained:
     config = ModelConfig.from_hf(hf_dir.read_hf_config(path))
     params = mapping.from_hf(config, hf_dir.read_hf_tensors(path), source=str(path))
-    return Pretrained(config, params, AutoTokenizer.from_pretrained(str(path)), source)
+    return Pretrained(config, params, _tokenizer_in(path), source)
 
 
 def _read_gguf(path: Path, source: str) -> Pretrained:
@@ -110,7 +119,8 @@ def write_converted(pretrained: Pretrained, out: Path, overwrite: bool = False) 
     staging = prepare_output_dir(out, overwrite)
     save_params(staging / PARAMS_DIR, pretrained.params)
     pretrained.config.save(staging / MODEL_CONFIG_FILE)
-    pretrained.tokenizer.save_pretrained(str(staging))
+    if pretrained.tokenizer is not None:
+        pretrained.tokenizer.save_pretrained(str(staging))
     (staging / CONVERTED_MARKER).write_text(json.dumps(
         {"source": pretrained.source, "layout": "canonical", "format_version": 1}, indent=2))
     commit_output_dir(staging, out)
@@ -118,12 +128,10 @@ def write_converted(pretrained: Pretrained, out: Path, overwrite: bool = False) 
 
 
 def read_converted(path: Path) -> Pretrained:
-    from transformers import AutoTokenizer
-
     meta = json.loads((path / CONVERTED_MARKER).read_text())
     config = ModelConfig.load(path / MODEL_CONFIG_FILE)
     params = {k: np.asarray(v) for k, v in restore_params(path / PARAMS_DIR).items()}
-    return Pretrained(config, params, AutoTokenizer.from_pretrained(str(path)), meta["source"])
+    return Pretrained(config, params, _tokenizer_in(path), meta["source"])
 
 
 def converted_path(source: str) -> Path:

@@ -1,0 +1,53 @@
+"""Generate text: `python -m spellm_jax.generate --source=smollm2 --prompt="..."`."""
+
+from __future__ import annotations
+
+import time
+
+from absl import app, flags
+
+from spellm_jax import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("source", "smollm2", "HF dir, hub name, .gguf file, converted dir or smollm2.")
+flags.DEFINE_multi_string("prompt", ["Once upon a time, there was a little"], "Prompt (repeatable).")
+flags.DEFINE_integer("max_new_tokens", 48, "Tokens to generate per prompt.")
+flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_bool("chat", False, "Wrap each prompt in the tokenizer's chat template.")
+
+
+def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
+    """Token ids of each prompt, optionally as a user turn of the chat template."""
+    if any(not p.strip() for p in prompts):
+        raise app.UsageError("--prompt must not be empty.")
+    if chat:
+        return [list(tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                                   add_generation_prompt=True, tokenize=True,
+                                                   return_dict=False)) for p in prompts]
+    return [tokenizer(p)["input_ids"] for p in prompts]
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from spellm_jax import decoding
+    from spellm_jax.pretrained import load_pretrained
+
+    model, tokenizer = load_pretrained(FLAGS.source)
+    prompts = encode_prompts(tokenizer, FLAGS.prompt, FLAGS.chat)
+    rule = decoding.LMHeadRule(decoding.Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p))
+    eos = list(model.config.eos_token_ids)
+    start = time.time()
+    outputs = decoding.generate(model, prompts, FLAGS.max_new_tokens, rule, eos_ids=eos,
+                                pad_id=tokenizer.pad_token_id or 0, seed=FLAGS.seed)
+    elapsed = time.time() - start
+    for text, new in zip(FLAGS.prompt, outputs, strict=True):
+        print(f"\n>>> {text}\n{tokenizer.decode(new, skip_special_tokens=True)}")
+    total = sum(len(o) for o in outputs)
+    print(f"\n[{total} tokens in {elapsed:.1f}s including compilation]")
+
+
+if __name__ == "__main__":
+    cli.run(main)
