@@ -43,6 +43,29 @@ SMOLLM2 = PipAsset(
     sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
 )
 
+# Mistral's 32000-piece SentencePiece model (Llama-2 style, byte fallback).
+MISTRAL_TOKENIZER = PipAsset(
+    name="mistral_common",
+    requirement="mistral-common==1.12.0",
+    binary=True,
+    member="mistral_common/data/tokenizer.model.v1",
+    sha256="fa4504b66c30c0201ae4578c0340c5ee2abd22151c271532f62e373b985a53cf",
+)
+
+# llama.cpp's vocab-only GGUFs (Llama-3, Qwen2, GPT-2, Llama-2, ...) beside this member. The sdist is
+# only downloaded and unpacked, never built.
+LLAMA_CPP_VOCABS = PipAsset(
+    name="llama_cpp_vocabs",
+    requirement="llama-cpp-python==0.3.36",
+    binary=False,
+    member="vendor/llama.cpp/models/ggml-vocab-llama-bpe.gguf",
+    sha256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
+)
+
+# Command-line names: each asset's cache name, and its constant's name in lower case.
+ASSETS = {asset.name: asset for asset in (SMOLLM2, MISTRAL_TOKENIZER, LLAMA_CPP_VOCABS)} | {
+    "mistral_tokenizer": MISTRAL_TOKENIZER}
+
 
 def cache_dir() -> Path:
     """`$SPELLM_CACHE`, else the per-user cache directory of spellm_jax."""
@@ -107,3 +130,23 @@ def _find_member(unpacked: Path, member: str) -> Path | None:
     """The member at the top of the unpacked tree or one level down (sdists have a root dir)."""
     found = sorted(unpacked.glob(member)) + sorted(unpacked.glob(f"*/{member}"))
     return found[0] if found else None
+
+
+def main(argv: list[str]) -> int:
+    """`python -m spellm_jax.assets NAME...`: fetch the named assets and print their paths."""
+    unknown = [name for name in argv if name not in ASSETS]
+    if not argv or unknown:
+        print(f"usage: python -m spellm_jax.assets NAME...  (NAME one of {', '.join(ASSETS)})"
+              + (f"; unknown: {', '.join(unknown)}" if unknown else ""), file=sys.stderr)
+        return 2
+    for name in argv:
+        try:
+            print(f"{name}: {fetch(ASSETS[name])}", flush=True)
+        except AssetError as error:
+            print(f"spellm_jax: {error}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx, struct
 
 from spellm_jax.models.llama import KVCache
+from spellm_jax.models.spellm import SpeLLM
 
 PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this, so lengths share compilations
 
@@ -54,9 +55,11 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
 
 
 class OutputRule(Protocol):
-    """Hidden states `[B, d]` -> next input token ids `[B]`. Must be hashable (it is static)."""
+    """Hidden states `[B, d]` -> `(next token ids [B], spelled rows [B, k])`; a token id of -1
+    asks the host to turn that row's string into input ids. Must be hashable (it is static)."""
 
-    def __call__(self, model: nnx.Module, hidden: jax.Array, key: jax.Array) -> jax.Array: ...
+    def __call__(self, model: nnx.Module, hidden: jax.Array, key: jax.Array
+                 ) -> tuple[jax.Array, jax.Array]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +69,31 @@ class LMHeadRule:
     sampling: Sampling = Sampling()
 
     def __call__(self, model, hidden, key):
-        return sample(model.lm_logits(hidden), key, self.sampling)
+        token = sample(model.lm_logits(hidden), key, self.sampling)
+        return token, token[:, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class FreeRule:
+    """SpeLLM free decoding: each head picks a symbol; the string (cut at the first PAD) is looked
+    up on device, and strings that are not one token go to the host tokenizer."""
+
+    sampling: Sampling = Sampling()
+
+    def __call__(self, model, hidden, key):
+        rows = sample(model.char_logits(hidden), key, self.sampling)  # [B, k]
+        return model.lookup_tokens(rows), rows
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabRule:
+    """SpeLLM vocabulary-constrained decoding: the token whose spelling the heads score highest."""
+
+    sampling: Sampling = Sampling()
+
+    def __call__(self, model, hidden, key):
+        token = sample(model.vocab_log_scores(model.char_logits(hidden)), key, self.sampling)
+        return token, model.spelling_table[...][token]
 
 
 @struct.dataclass
@@ -76,10 +103,12 @@ class DecodeState:
     hidden: jax.Array  # [B, d] hidden state that picks the next token
     positions: jax.Array  # [B] position of the next token fed
     slot: jax.Array  # () next cache slot to write
-    tokens: jax.Array  # [B, max_new] generated ids (-1 where none)
+    tokens: jax.Array  # [B, N] generated ids (-1 where none)
     num_tokens: jax.Array  # [B]
     done: jax.Array  # [B]
-    step: jax.Array  # ()
+    step_tokens: jax.Array  # [B] tokens picked by the step that stopped for the host
+    step_rows: jax.Array  # [B, k] their spelled rows
+    needs_host: jax.Array  # [B]
     key: jax.Array
 
 
@@ -97,62 +126,145 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int = PROMPT
     return ids, mask
 
 
-def _backbone(model):
-    """The decoder stack that returns hidden states (a SpeLLM or a causal LM both expose it)."""
-    return model.model
+@functools.partial(jax.jit, static_argnames=("graphdef", "record"), donate_argnames=("s",))
+def _feed(graphdef, state, s: DecodeState, ids, mask, eos_ids, *, record: bool) -> DecodeState:
+    """Writes a left-padded chunk `[B, m]` into the cache; the last real token of each row gives
+    its next hidden state. `record` appends the chunk's real ids to the generated tokens."""
+    backbone = nnx.merge(graphdef, state).model
+    batch, m = ids.shape
+    positions = s.positions[:, None] + jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    key_valid = jax.lax.dynamic_update_slice_in_dim(s.key_valid, mask, s.slot, 1)
+    hidden, cache = backbone(ids, positions=positions, attention_mask=mask, cache=s.cache,
+                             write_index=s.slot, key_valid=key_valid)
+    count = mask.sum(-1).astype(jnp.int32)
+    tokens, num_tokens, done = s.tokens, s.num_tokens, s.done
+    if record:
+        limit = tokens.shape[1]
+        columns = jnp.where(mask, num_tokens[:, None] + jnp.cumsum(mask, axis=-1) - 1, limit)
+        tokens = tokens.at[jnp.arange(batch)[:, None], columns].set(ids, mode="drop")
+        num_tokens = num_tokens + count
+        done = done | jnp.any(mask & jnp.isin(ids, eos_ids), axis=-1)
+    return s.replace(cache=cache, key_valid=key_valid,
+                     hidden=jnp.where((count > 0)[:, None], hidden[:, -1], s.hidden),
+                     positions=s.positions + count, slot=s.slot + m, tokens=tokens,
+                     num_tokens=num_tokens, done=done, needs_host=jnp.zeros_like(s.needs_host))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "rule"))
-def _generate(graphdef, state, ids, mask, key, eos_ids, *, max_new_tokens: int, rule):
+@functools.partial(jax.jit, static_argnames=("graphdef", "rule", "max_new_tokens"),
+                   donate_argnames=("s",))
+def _loop(graphdef, state, s: DecodeState, eos_ids, *, rule, max_new_tokens: int) -> DecodeState:
+    """Generates on device until every row is done, the cache is full, or a row needs the host."""
     model = nnx.merge(graphdef, state)
-    backbone = _backbone(model)
-    batch, prompt_len = ids.shape
-    total = prompt_len + max_new_tokens
-    cache = KVCache.zeros(model.config, batch, total, dtype=model.options.dtype)
-    key_valid = jnp.zeros((batch, total), bool).at[:, :prompt_len].set(mask)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-    hidden, cache = backbone(ids, positions=positions, attention_mask=mask, cache=cache,
-                             write_index=0, key_valid=key_valid)
-    state0 = DecodeState(
-        cache=cache, key_valid=key_valid, hidden=hidden[:, -1], positions=positions[:, -1] + 1,
-        slot=jnp.asarray(prompt_len, jnp.int32),
-        tokens=jnp.full((batch, max_new_tokens), -1, jnp.int32),
-        num_tokens=jnp.zeros((batch,), jnp.int32), done=jnp.zeros((batch,), bool),
-        step=jnp.asarray(0, jnp.int32), key=key)
+    capacity = s.key_valid.shape[1]
 
     def cond(s: DecodeState):
-        return (s.step < max_new_tokens) & ~jnp.all(s.done)
+        active = ~s.done & (s.num_tokens < max_new_tokens)
+        return jnp.any(active) & ~jnp.any(s.needs_host) & (s.slot < capacity)
 
     def body(s: DecodeState):
         key, step_key = jax.random.split(s.key)
-        token = rule(model, s.hidden, step_key)
-        rows = jnp.arange(batch)
-        tokens = s.tokens.at[rows, s.num_tokens].set(jnp.where(s.done, s.tokens[rows, s.num_tokens],
-                                                               token))
-        num_tokens = s.num_tokens + (~s.done)
-        done = s.done | jnp.isin(token, eos_ids)
-        key_valid = s.key_valid.at[:, s.slot].set(True)
-        hidden, cache = backbone(token[:, None], positions=s.positions[:, None],
-                                 cache=s.cache, write_index=s.slot, key_valid=key_valid)
-        return DecodeState(cache=cache, key_valid=key_valid, hidden=hidden[:, 0],
-                           positions=s.positions + 1, slot=s.slot + 1, tokens=tokens,
-                           num_tokens=num_tokens, done=done, step=s.step + 1, key=key)
+        token, rows = rule(model, s.hidden, step_key)
+        active = ~s.done & (s.num_tokens < max_new_tokens)
+        needs_host = active & (token < 0)
 
-    final = jax.lax.while_loop(cond, body, state0)
-    return final.tokens, final.num_tokens
+        def stop_for_host(s):
+            return s.replace(step_tokens=token, step_rows=rows.astype(jnp.int32),
+                             needs_host=needs_host, key=key)
+
+        def advance(s):
+            ids, mask = token[:, None], active[:, None]
+            return _feed.__wrapped__(graphdef, state, s.replace(key=key), ids, mask, eos_ids,
+                                     record=True)
+
+        return jax.lax.cond(jnp.any(needs_host), stop_for_host, advance, s)
+
+    return jax.lax.while_loop(cond, body, s)
+
+
+def _host_chunk(s: DecodeState, max_new_tokens: int, spelling, tokenizer, pad_id: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The next input ids of every row after a stop for the host: device-picked tokens as they
+    are, out-of-vocabulary strings through the tokenizer (possibly several ids)."""
+    if spelling is None:
+        raise ValueError("a decoding rule emitted a string that is not one token; pass the "
+                         "spelling table (and tokenizer) to generate() to map it to input ids.")
+    tokens, rows = np.asarray(s.step_tokens), np.asarray(s.step_rows)
+    active = ~np.asarray(s.done) & (np.asarray(s.num_tokens) < max_new_tokens)
+    pending: list[list[int]] = []
+    for row in range(len(tokens)):
+        if not active[row]:
+            pending.append([])
+        elif tokens[row] >= 0:
+            pending.append([int(tokens[row])])
+        else:
+            text, special = spelling.unspell(rows[row])
+            ids = spelling.ids_for_bytes(text, tokenizer) + ([] if special is None else [special])
+            if not ids:  # the symbol mask keeps PAD from coming first, so this is a bug
+                raise RuntimeError(f"row {row} emitted an empty string: {rows[row].tolist()}")
+            pending.append(ids)
+    width = max(1, max(len(p) for p in pending))
+    width = 1 << (width - 1).bit_length()  # power-of-two widths share compilations
+    ids = np.full((len(pending), width), pad_id, np.int32)
+    mask = np.zeros((len(pending), width), bool)
+    for row, row_ids in enumerate(pending):
+        if row_ids:
+            ids[row, width - len(row_ids):] = row_ids
+            mask[row, width - len(row_ids):] = True
+    return ids, mask
+
+
+def _grow(s: DecodeState, extra: int) -> DecodeState:
+    """A copy of the state whose cache has `extra` more slots."""
+    def pad(x, axis):
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, extra)
+        return jnp.pad(x, widths)
+
+    cache = KVCache(pad(s.cache.keys, 2), pad(s.cache.values, 2))
+    return s.replace(cache=cache, key_valid=pad(s.key_valid, 1))
 
 
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              rule: OutputRule | None = None, *, eos_ids: Sequence[int] = (), pad_id: int = 0,
-             seed: int = 0) -> list[list[int]]:
-    """New token ids for each prompt (ending with the EOS id if one was produced)."""
+             seed: int = 0, spelling=None, tokenizer=None) -> list[list[int]]:
+    """New token ids for each prompt (ending with the EOS id if one was produced).
+
+    SpeLLM rules need `spelling` (the SpellingTable) and, for free decoding of strings that are
+    not one token, the `tokenizer`.
+    """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}; ask for at least one new token.")
+    rule = rule or LMHeadRule()
     ids, mask = left_pad(prompts, pad_id)
+    batch, prompt_len = ids.shape
     graphdef, state = nnx.split(model)
-    tokens, counts = _generate(
-        graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed),
-        jnp.asarray(list(eos_ids) or [-1], jnp.int32), max_new_tokens=max_new_tokens,
-        rule=rule or LMHeadRule())
-    tokens, counts = np.asarray(tokens), np.asarray(counts)
-    return [tokens[row, :counts[row]].tolist() for row in range(len(prompts))]
+    config, dtype = model.config, model.options.dtype
+    capacity = -(-(prompt_len + max_new_tokens + 1) // PROMPT_BUCKET) * PROMPT_BUCKET
+    row_width = model.heads_config.k if isinstance(model, SpeLLM) else 1  # symbols per step
+    s = DecodeState(
+        cache=KVCache.zeros(config, batch, capacity, dtype=dtype),
+        key_valid=jnp.zeros((batch, capacity), bool), hidden=jnp.zeros((batch, config.hidden_size),
+                                                                       dtype),
+        positions=jnp.zeros((batch,), jnp.int32), slot=jnp.asarray(0, jnp.int32),
+        tokens=jnp.full((batch, max_new_tokens + row_width + 1), -1, jnp.int32),
+        num_tokens=jnp.zeros((batch,), jnp.int32), done=jnp.zeros((batch,), bool),
+        step_tokens=jnp.zeros((batch,), jnp.int32),
+        step_rows=jnp.zeros((batch, row_width), jnp.int32),
+        needs_host=jnp.zeros((batch,), bool), key=jax.random.key(seed))
+    eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+    s = _feed(graphdef, state, s, jnp.asarray(ids), jnp.asarray(mask), eos, record=False)
+    while True:
+        s = _loop(graphdef, state, s, eos, rule=rule, max_new_tokens=max_new_tokens)
+        if not bool(jnp.any(s.needs_host)):
+            break
+        chunk_ids, chunk_mask = _host_chunk(s, max_new_tokens, spelling, tokenizer, pad_id)
+        if int(s.slot) + chunk_ids.shape[1] + 1 > s.key_valid.shape[1]:
+            s = _grow(s, max(chunk_ids.shape[1] + 1, max_new_tokens))
+        s = _feed(graphdef, state, s, jnp.asarray(chunk_ids), jnp.asarray(chunk_mask), eos,
+                  record=True)
+    tokens, counts = np.asarray(s.tokens), np.asarray(s.num_tokens)
+    outputs = []
+    for row in range(batch):
+        new = tokens[row, :min(counts[row], max_new_tokens)].tolist()
+        outputs.append(new)
+    return outputs

@@ -32,8 +32,15 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "length": None,
 }
 
-# Passed to nnx.vmap when stacking blocks for `scan_layers`: prepends a "layers" logical axis.
-STACKED_LAYERS_METADATA = {nnx.PARTITION_NAME: "layers", LOGICAL_AXES_KEY: "layers"}
+
+
+def stacked_metadata(axis: str) -> dict:
+    """`transform_metadata` for nnx.vmap that stacks modules: prepends the logical axis `axis`."""
+    return {nnx.PARTITION_NAME: axis, LOGICAL_AXES_KEY: axis}
+
+
+STACKED_LAYERS_METADATA = stacked_metadata("layers")  # blocks stacked for `scan_layers`
+STACKED_HEADS_METADATA = stacked_metadata("char_head")  # one adapter per character head
 
 Initializer = Callable[[jax.Array, Sequence[int], jax.typing.DTypeLike], jax.Array]
 

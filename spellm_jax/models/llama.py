@@ -55,8 +55,8 @@ class Dense(nnx.Module):
     """`x @ kernel (+ bias)` with kernel `[in, out]` (HF weight transposed) and logical axes."""
 
     def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, use_bias: bool,
-                 options: RuntimeOptions, rngs: nnx.Rngs):
-        self.kernel = sharding.param(rngs.params(), _kernel_init, (d_in, d_out), axes,
+                 options: RuntimeOptions, rngs: nnx.Rngs, kernel_init=_kernel_init):
+        self.kernel = sharding.param(rngs.params(), kernel_init, (d_in, d_out), axes,
                                      options.param_dtype)
         self.bias = (sharding.param(rngs.params(), _zeros, (d_out,), axes[1:], options.param_dtype)
                      if use_bias else None)

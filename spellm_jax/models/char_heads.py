@@ -1,0 +1,130 @@
+"""The k character heads: one `(k, d, C)` weight applied with one einsum, an optional residual
+SiLU adapter in front (shared by all heads, or one per head via `nnx.vmap`), and a fixed mask of
+symbols that no token has at a position."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spellm_jax import sharding
+from spellm_jax.models.llama import Dense, RuntimeOptions
+
+AdapterKind = Literal["none", "shared", "per_head"]
+HeadInit = Literal["lm_head_mean", "normal"]
+MASKED_LOGIT = -1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadsConfig:
+    """Shape and variant of the character heads."""
+
+    k: int
+    num_symbols: int
+    use_bias: bool = False
+    adapter: AdapterKind = "none"
+    adapter_multiplier: int = 4  # adapter hidden width = multiplier * d
+    init: HeadInit = "lm_head_mean"
+
+    def __post_init__(self) -> None:
+        if self.adapter not in ("none", "shared", "per_head"):
+            raise ValueError(f"adapter={self.adapter!r}; choose 'none', 'shared' or 'per_head'.")
+        if self.init not in ("lm_head_mean", "normal"):
+            raise ValueError(f"init={self.init!r}; choose 'lm_head_mean' or 'normal'.")
+
+
+class SymbolMask(nnx.Variable):
+    """Additive `[k, C]` logit mask (0 or MASKED_LOGIT), fixed by the spelling table; not trained."""
+
+
+class ResidualMLP(nnx.Module):
+    """`x + down(silu(up(x)))`, with `down` zero-initialised so it starts as the identity."""
+
+    def __init__(self, d: int, hidden: int, options: RuntimeOptions, rngs: nnx.Rngs):
+        self.up = Dense(d, hidden, ("embed", "mlp"), use_bias=True, options=options, rngs=rngs)
+        self.down = Dense(hidden, d, ("mlp", "embed"), use_bias=True, options=options, rngs=rngs,
+                          kernel_init=jax.nn.initializers.zeros)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x + self.down(jax.nn.silu(self.up(x)))
+
+
+class CharHeads(nnx.Module):
+    """Hidden states `[..., d]` -> symbol logits `[..., k, C]` (fp32)."""
+
+    def __init__(self, d: int, config: HeadsConfig, options: RuntimeOptions, rngs: nnx.Rngs):
+        self.config, self.dtype = config, options.dtype
+        k, c = config.k, config.num_symbols
+        self.kernel = sharding.param(rngs.params(), jax.nn.initializers.normal(0.02), (k, d, c),
+                                     ("char_head", "embed", "char_vocab"), options.param_dtype)
+        self.bias = (sharding.param(rngs.params(), jax.nn.initializers.zeros, (k, c),
+                                    ("char_head", "char_vocab"), options.param_dtype)
+                     if config.use_bias else None)
+        self.symbol_mask = SymbolMask(jnp.zeros((k, c), jnp.float32))
+        hidden = config.adapter_multiplier * d
+        if config.adapter == "shared":
+            self.adapter = ResidualMLP(d, hidden, options, rngs)
+        elif config.adapter == "per_head":
+            @nnx.split_rngs(splits=k)
+            @nnx.vmap(in_axes=0, out_axes=0, transform_metadata=sharding.STACKED_HEADS_METADATA)
+            def per_head(rngs: nnx.Rngs) -> ResidualMLP:
+                return ResidualMLP(d, hidden, options, rngs)
+
+            self.adapter = per_head(rngs)
+        else:
+            self.adapter = None
+
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        kernel = self.kernel[...].astype(self.dtype)
+        hidden = hidden.astype(self.dtype)
+        if self.config.adapter == "per_head":
+            @nnx.vmap(in_axes=(0, None), out_axes=-2,
+                      transform_metadata=sharding.STACKED_HEADS_METADATA)
+            def adapt(adapter: ResidualMLP, h: jax.Array) -> jax.Array:
+                return adapter(h)
+
+            logits = jnp.einsum("...kd,kdc->...kc", adapt(self.adapter, hidden), kernel,
+                                preferred_element_type=jnp.float32)
+        else:
+            if self.adapter is not None:
+                hidden = self.adapter(hidden)
+            logits = jnp.einsum("...d,kdc->...kc", hidden, kernel,
+                                preferred_element_type=jnp.float32)
+        if self.bias is not None:
+            logits = logits + self.bias[...].astype(jnp.float32)
+        return logits + self.symbol_mask[...]
+
+    def set_spelling(self, table: np.ndarray, valid: np.ndarray,
+                     unembedding: np.ndarray | None = None) -> None:
+        """Masks symbols that no valid token of `table` `[V, k]` has at a position (so PAD never
+        comes first) and, for `lm_head_mean`, sets `W_i[:, c]` to the mean unembedding row
+        (`[V, d]`) of the valid tokens whose i-th symbol is c."""
+        k, c = self.config.k, self.config.num_symbols
+        table = np.where(valid[:, None], table, c)  # invalid rows fall into an ignored bin c
+        counts = np.stack([np.bincount(table[:, i], minlength=c + 1)[:c] for i in range(k)])
+        self.symbol_mask[...] = jnp.asarray(np.where(counts > 0, 0.0, MASKED_LOGIT), jnp.float32)
+        if self.config.init != "lm_head_mean":
+            return
+        if unembedding is None:
+            raise ValueError("init='lm_head_mean' needs the LM head's unembedding matrix.")
+        unembedding = jnp.asarray(unembedding, jnp.float32)
+        sums = jnp.stack([jax.ops.segment_sum(unembedding, jnp.asarray(table[:, i]),
+                                              num_segments=c) for i in range(k)])  # [k, C, d]
+        means = sums / jnp.maximum(jnp.asarray(counts, jnp.float32), 1)[..., None]
+        self.kernel[...] = jnp.swapaxes(means, 1, 2).astype(self.kernel[...].dtype)
+
+
+def head_cost(d: int, vocab_size: int, config: HeadsConfig) -> dict[str, float]:
+    """Parameters and multiply-adds per token of the heads, beside the LM head's."""
+    heads = config.k * d * config.num_symbols + config.use_bias * config.k * config.num_symbols
+    adapter = 2 * d * config.adapter_multiplier * d + (config.adapter_multiplier + 1) * d
+    adapter *= {"none": 0, "shared": 1, "per_head": config.k}[config.adapter]
+    params = heads + adapter
+    return {"lm_head_params": d * vocab_size, "heads_params": params,
+            "lm_head_macs": d * vocab_size, "heads_macs": params,
+            "ratio": params / (d * vocab_size)}
