@@ -1,4 +1,9 @@
-"""Generate text: `python -m spellm_jax.generate --source=smollm2 --prompt="..."`."""
+"""Generate text with the LM head or the SpeLLM character heads.
+
+    python -m spellm_jax.generate --source=smollm2 --prompt="..."                # LM head
+    python -m spellm_jax.generate --checkpoint=WORKDIR --mode=free --prompt="..."  # trained SpeLLM
+    python -m spellm_jax.generate --source=smollm2 --mode=vocab                  # untrained heads
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,11 @@ flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_bool("chat", False, "Wrap each prompt in the tokenizer's chat template.")
+flags.DEFINE_enum("mode", "lm_head", ["lm_head", "free", "vocab"],
+                  "Output rule: the ordinary LM head, SpeLLM free decoding, or SpeLLM "
+                  "vocabulary-constrained decoding.")
+flags.DEFINE_string("checkpoint", None, "A trained SpeLLM (training workdir or checkpoint dir).")
+flags.DEFINE_integer("k", 16, "Character heads of an untrained SpeLLM built from --source.")
 
 
 def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
@@ -33,15 +43,26 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]
 def main(argv: list[str]) -> None:
     del argv
     from spellm_jax import decoding
-    from spellm_jax.pretrained import load_pretrained
+    from spellm_jax.pretrained import load_pretrained, load_spellm, spellm_from_pretrained
 
-    model, tokenizer = load_pretrained(FLAGS.source)
+    if FLAGS.checkpoint:
+        model, tokenizer, spelling = load_spellm(FLAGS.checkpoint)
+    elif FLAGS.mode == "lm_head":
+        (model, tokenizer), spelling = load_pretrained(FLAGS.source), None
+    else:
+        model, tokenizer, spelling = spellm_from_pretrained(FLAGS.source, k=FLAGS.k)
+        if FLAGS.mode != "lm_head":
+            print("note: no --checkpoint, so the character heads are untrained (initialised from "
+                  "the LM head); expect rough text.")
     prompts = encode_prompts(tokenizer, FLAGS.prompt, FLAGS.chat)
-    rule = decoding.LMHeadRule(decoding.Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p))
-    eos = list(model.config.eos_token_ids)
+    sampling = decoding.Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+    rule = {"lm_head": decoding.LMHeadRule, "free": decoding.FreeRule,
+            "vocab": decoding.VocabRule}[FLAGS.mode](sampling)
     start = time.time()
-    outputs = decoding.generate(model, prompts, FLAGS.max_new_tokens, rule, eos_ids=eos,
-                                pad_id=tokenizer.pad_token_id or 0, seed=FLAGS.seed)
+    outputs = decoding.generate(model, prompts, FLAGS.max_new_tokens, rule,
+                                eos_ids=list(model.config.eos_token_ids),
+                                pad_id=tokenizer.pad_token_id or 0, seed=FLAGS.seed,
+                                spelling=spelling, tokenizer=tokenizer)
     elapsed = time.time() - start
     for text, new in zip(FLAGS.prompt, outputs, strict=True):
         print(f"\n>>> {text}\n{tokenizer.decode(new, skip_special_tokens=True)}")

@@ -127,13 +127,21 @@ def check_params(expected: Mapping[str, tuple[int, ...]], flat: Mapping, source:
         raise ParamMismatchError("\n".join(lines))
 
 
-def load_params(module: nnx.Module, flat: Mapping, source: str = "the given weights") -> None:
-    """Writes canonical flat params into a module (stacking layers for a scanned model)."""
-    check_params(param_shapes(module), flat, source)
+def load_params(module: nnx.Module, flat: Mapping, source: str = "the given weights",
+                exclude: tuple[str, ...] = ()) -> None:
+    """Writes canonical flat params into a module (stacking layers for a scanned model).
+
+    Parameters whose key starts with one of `exclude` are neither expected nor written.
+    """
+    expected = {k: v for k, v in param_shapes(module).items() if not k.startswith(exclude)}
+    check_params(expected, flat, source)
     stacked_keys = _stacked_keys(module)
     layout = stack_layers(flat) if stacked_keys else dict(flat)
     state = nnx.state(module, nnx.Param)
     for path, variable in nnx.to_flat_state(state):
-        value = layout["/".join(str(p) for p in path)]
+        key = "/".join(str(p) for p in path)
+        if exclude and key.startswith(exclude):
+            continue
+        value = layout[key]
         variable.set_value(jax.numpy.asarray(value, dtype=variable.get_value().dtype))
     nnx.update(module, state)

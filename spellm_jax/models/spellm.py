@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from spellm_jax import spelling_lookup
+from spellm_jax.losses import spelled_log_probs
 from spellm_jax.models.char_heads import CharHeads, HeadsConfig
 from spellm_jax.models.config import ModelConfig
 from spellm_jax.models.llama import LlamaForCausalLM, RuntimeOptions
@@ -58,10 +59,10 @@ class SpeLLM(LlamaForCausalLM):
                              f"{self.config.vocab_size}; build it with vocab_size=the model's.")
         table = np.asarray(spelling.table, np.int32)
         hashes, ids = spelling_lookup.build_lookup(table, np.asarray(spelling.canonical))
-        self.spelling_table[...] = jnp.asarray(table)
-        self.token_valid[...] = jnp.asarray(spelling.valid)
-        self.lookup_hashes[...] = jnp.asarray(hashes)
-        self.lookup_ids[...] = jnp.asarray(ids)
+        self.spelling_table.set_value(jnp.asarray(table))
+        self.token_valid.set_value(jnp.asarray(spelling.valid))
+        self.lookup_hashes.set_value(jnp.asarray(hashes))
+        self.lookup_ids.set_value(jnp.asarray(ids))
         unembedding = np.asarray(self.unembedding()) if init_heads else None
         self.char_heads.set_spelling(table, np.asarray(spelling.valid), unembedding)
 
@@ -71,11 +72,9 @@ class SpeLLM(LlamaForCausalLM):
     def vocab_log_scores(self, char_logits: jax.Array) -> jax.Array:
         """`Σ_i log q_i(spell(v)_i)` for every token v `[..., V]` (a gather, no `d x V` matmul);
         tokens that are not spellable get -inf."""
-        log_probs = jax.nn.log_softmax(char_logits, axis=-1)  # [..., k, C]
-        table = self.spelling_table[...]  # [V, k]
-        k = table.shape[1]
-        gathered = log_probs[..., jnp.arange(k)[None, :], table]  # [..., V, k]
-        return jnp.where(self.token_valid[...], gathered.sum(-1), -jnp.inf)
+        scores = spelled_log_probs(jax.nn.log_softmax(char_logits, axis=-1),
+                                   self.spelling_table[...])
+        return jnp.where(self.token_valid[...], scores, -jnp.inf)
 
     def lookup_tokens(self, rows: jax.Array) -> jax.Array:
         """Token ids of spelled rows `[..., k]` (-1 where the string is not one token)."""

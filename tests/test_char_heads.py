@@ -1,0 +1,101 @@
+"""The k character heads: one einsum equals per-head references; adapters; initialisation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from spellm_jax.models.char_heads import MASKED_LOGIT, CharHeads, HeadsConfig, head_cost
+from spellm_jax.models.llama import RuntimeOptions
+from spellm_jax.sharding import partition_specs
+
+D, K, C = 32, 5, 11
+
+
+def make_heads(adapter="none", use_bias=True, seed=0):
+    heads = CharHeads(D, HeadsConfig(K, C, use_bias=use_bias, adapter=adapter, init="normal"),
+                      RuntimeOptions(), nnx.Rngs(seed))
+    # Give biases and the zero-initialised adapter outputs non-trivial values.
+    rng = np.random.RandomState(seed)
+    for _, variable in nnx.to_flat_state(nnx.state(heads, nnx.Param)):
+        variable[...] = jnp.asarray(rng.normal(0, 0.1, variable[...].shape), jnp.float32)
+    return heads
+
+
+def test_einsum_heads_equal_per_head_reference():
+    heads = make_heads()
+    hidden = jnp.asarray(np.random.RandomState(1).normal(size=(2, 3, D)), jnp.float32)
+    got = heads(hidden)
+    kernel, bias = np.asarray(heads.kernel[...]), np.asarray(heads.bias[...])
+    for i in range(K):
+        want = np.asarray(hidden) @ kernel[i] + bias[i]
+        np.testing.assert_allclose(got[..., i, :], want, atol=1e-5)
+
+
+def _mlp(x, up_k, up_b, down_k, down_b):
+    return x + np.asarray(jax.nn.silu(x @ up_k + up_b)) @ down_k + down_b
+
+
+def test_shared_adapter_equals_reference():
+    heads = make_heads("shared")
+    hidden = np.random.RandomState(2).normal(size=(4, D)).astype(np.float32)
+    a = heads.adapter
+    adapted = _mlp(hidden, a.up.kernel[...], a.up.bias[...], a.down.kernel[...], a.down.bias[...])
+    want = np.einsum("nd,kdc->nkc", adapted, np.asarray(heads.kernel[...])) + heads.bias[...]
+    np.testing.assert_allclose(heads(jnp.asarray(hidden)), want, atol=1e-4)
+
+
+def test_per_head_vmap_adapter_equals_explicit_per_head_reference():
+    heads = make_heads("per_head")
+    hidden = np.random.RandomState(3).normal(size=(4, D)).astype(np.float32)
+    got = np.asarray(heads(jnp.asarray(hidden)))
+    a = heads.adapter
+    assert a.up.kernel[...].shape == (K, D, 4 * D)  # stacked, not k module references
+    for i in range(K):
+        adapted = _mlp(hidden, a.up.kernel[...][i], a.up.bias[...][i], a.down.kernel[...][i],
+                       a.down.bias[...][i])
+        want = adapted @ np.asarray(heads.kernel[...][i]) + np.asarray(heads.bias[...][i])
+        np.testing.assert_allclose(got[:, i], want, atol=1e-4)
+    specs = partition_specs(nnx.state(heads, nnx.Param))
+    assert specs["adapter"]["up"]["kernel"] == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert specs["kernel"] == jax.sharding.PartitionSpec(None, "fsdp", None)
+
+
+@pytest.mark.parametrize("adapter", ["shared", "per_head"])
+def test_adapters_start_as_identity(adapter):
+    config = HeadsConfig(K, C, adapter=adapter, init="normal")
+    with_adapter = CharHeads(D, config, RuntimeOptions(), nnx.Rngs(0))
+    plain = CharHeads(D, HeadsConfig(K, C, init="normal"), RuntimeOptions(), nnx.Rngs(0))
+    plain.kernel[...] = with_adapter.kernel[...]
+    hidden = jnp.asarray(np.random.RandomState(4).normal(size=(3, D)), jnp.float32)
+    np.testing.assert_allclose(with_adapter(hidden), plain(hidden), atol=1e-6)
+
+
+def test_lm_head_mean_initialisation_and_symbol_mask():
+    pad = C - 1
+    table = np.array([[0, 1, pad, pad, pad], [0, 2, 3, pad, pad], [4, pad, pad, pad, pad],
+                      [pad, pad, pad, pad, pad]])  # the last row is not a valid token
+    valid = np.array([True, True, True, False])
+    unembedding = np.random.RandomState(5).normal(size=(4, D)).astype(np.float32)
+    heads = CharHeads(D, HeadsConfig(K, C), RuntimeOptions(), nnx.Rngs(0))
+    heads.set_spelling(table, valid, unembedding)
+    kernel = np.asarray(heads.kernel[...])
+    np.testing.assert_allclose(kernel[0, :, 0], unembedding[:2].mean(0), atol=1e-6)
+    np.testing.assert_allclose(kernel[1, :, pad], unembedding[2], atol=1e-6)
+    np.testing.assert_allclose(kernel[2, :, pad], unembedding[[0, 2]].mean(0), atol=1e-6)
+    mask = np.asarray(heads.symbol_mask[...])
+    assert mask[0, pad] == MASKED_LOGIT  # only the invalid row starts with PAD: never first
+    assert mask[0, 0] == 0 and mask[0, 4] == 0 and mask[0, 1] == MASKED_LOGIT
+    assert mask[1, 1] == 0 and mask[1, 2] == 0 and mask[1, 0] == MASKED_LOGIT
+    logits = heads(jnp.zeros((1, D)))
+    assert int(jnp.argmax(logits[0, 0])) in (0, 4)
+
+
+def test_head_cost_against_lm_head():
+    cost = head_cost(576, 49152, HeadsConfig(16, 274))
+    assert cost["heads_params"] == 16 * 576 * 274
+    assert cost["lm_head_params"] == 576 * 49152
+    assert cost["ratio"] == pytest.approx(16 * 274 / 49152)
+    shared = head_cost(576, 49152, HeadsConfig(16, 274, adapter="shared"))
+    assert shared["heads_params"] == cost["heads_params"] + 2 * 576 * 2304 + 2304 + 576
