@@ -55,8 +55,8 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
 
 
 class OutputRule(Protocol):
-    """Hidden states `[B, d]` -> `(next token ids [B], spelled rows [B, k])`; a token id of -1
-    asks the host to turn that row's string into input ids. Must be hashable (it is static)."""
+    """Hidden states `[B, d]` -> `(next token ids [B], spelled rows [B, k] or None)`; a token id
+    of -1 asks the host to turn that row's string into input ids. Must be hashable (static)."""
 
     def __call__(self, model: nnx.Module, hidden: jax.Array, key: jax.Array
                  ) -> tuple[jax.Array, jax.Array]: ...
@@ -69,8 +69,7 @@ class LMHeadRule:
     sampling: Sampling = Sampling()
 
     def __call__(self, model, hidden, key):
-        token = sample(model.lm_logits(hidden), key, self.sampling)
-        return token, token[:, None]
+        return sample(model.lm_logits(hidden), key, self.sampling), None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +167,8 @@ def _loop(graphdef, state, s: DecodeState, eos_ids, *, rule, max_new_tokens: int
         needs_host = active & (token < 0)
 
         def stop_for_host(s):
-            return s.replace(step_tokens=token, step_rows=rows.astype(jnp.int32),
+            step_rows = s.step_rows if rows is None else rows.astype(jnp.int32)
+            return s.replace(step_tokens=token, step_rows=step_rows,
                              needs_host=needs_host, key=key)
 
         def advance(s):

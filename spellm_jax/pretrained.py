@@ -5,13 +5,21 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from spellm_jax.conversion.sources import load_source
+from spellm_jax import decoding
+from spellm_jax.charset import SpellingTable
+from spellm_jax.conversion.sources import Pretrained, load_source
+from spellm_jax.models.char_heads import CharHeads, HeadsConfig
 from spellm_jax.models.config import ModelConfig
 from spellm_jax.models.llama import LlamaForCausalLM, RuntimeOptions
 from spellm_jax.models.params import load_params
+from spellm_jax.models.spellm import SpeLLM
+
+CHAR_HEADS = "char_heads/"
 
 
 def build_model(config: ModelConfig, options: RuntimeOptions, params: Mapping[str, Any],
@@ -31,3 +39,46 @@ def load_pretrained(source: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
     pretrained = load_source(source)
     options = RuntimeOptions(dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
     return build_model(pretrained.config, options, pretrained.params, source), pretrained.tokenizer
+
+
+def teacher_token_prior(model: LlamaForCausalLM, start_ids: list[int], num_tokens: int = 64,
+                        seed: int = 0) -> np.ndarray:
+    """The teacher's next-token distribution averaged over a continuation it samples itself
+    from `start_ids`: a data-free estimate of how often each token is predicted."""
+    generated = decoding.generate(model, [start_ids], num_tokens,
+                                  decoding.LMHeadRule(decoding.Sampling(temperature=1.0)),
+                                  seed=seed)[0]
+    hidden, _ = model.model(jnp.asarray([start_ids + generated]))
+    return np.asarray(jax.nn.softmax(model.lm_logits(hidden)[0], axis=-1).mean(0))
+
+
+def build_spellm(pretrained: Pretrained, spelling: SpellingTable, heads: HeadsConfig,
+                 options: RuntimeOptions | None = None, seed: int = 0,
+                 prior_tokens: int = 64) -> SpeLLM:
+    """A SpeLLM on the pretrained backbone and LM head, heads initialised per `heads.init`;
+    `lm_head_mean` weights LM-head rows by the teacher's own token prior (`prior_tokens` sampled
+    tokens; 0 for uniform weights)."""
+    options = options or RuntimeOptions()
+    config = pretrained.config
+    model = nnx.eval_shape(lambda: SpeLLM(config, heads, options, rngs=nnx.Rngs(0)))
+    load_params(model, pretrained.params, pretrained.source, exclude=(CHAR_HEADS,))
+    model.char_heads = CharHeads(config.hidden_size, heads, options, nnx.Rngs(seed))
+    prior = None
+    if heads.init == "lm_head_mean" and prior_tokens > 0:
+        start = [config.bos_token_id if config.bos_token_id is not None else 0]
+        prior = teacher_token_prior(model, start, prior_tokens, seed)
+    model.attach_spelling(spelling, init_heads=True, token_prior=prior)
+    return model
+
+
+def spellm_from_pretrained(source: str, *, k: int = 16, heads: HeadsConfig | None = None,
+                           options: RuntimeOptions | None = None, seed: int = 0
+                           ) -> tuple[SpeLLM, Any, SpellingTable]:
+    """`(model, tokenizer, spelling)`: an untrained SpeLLM (heads from the LM head by default)."""
+    pretrained = load_source(source)
+    if pretrained.tokenizer is None:
+        raise ValueError(f"{source} ships no tokenizer; a SpeLLM needs one to spell its vocabulary.")
+    spelling = SpellingTable.from_tokenizer(pretrained.tokenizer, k,
+                                            vocab_size=pretrained.config.vocab_size)
+    heads = heads or HeadsConfig(k=k, num_symbols=spelling.num_symbols)
+    return build_spellm(pretrained, spelling, heads, options, seed), pretrained.tokenizer, spelling

@@ -88,14 +88,22 @@ def test_lm_head_mean_initialisation_and_symbol_mask():
     assert mask[0, pad] == MASKED_LOGIT  # only the invalid row starts with PAD: never first
     assert mask[0, 0] == 0 and mask[0, 4] == 0 and mask[0, 1] == MASKED_LOGIT
     assert mask[1, 1] == 0 and mask[1, 2] == 0 and mask[1, 0] == MASKED_LOGIT
+    bias = np.asarray(heads.bias[...])
+    assert bias[0, 0] == pytest.approx(np.log(2)) and bias[0, 4] == pytest.approx(0.0)
     logits = heads(jnp.zeros((1, D)))
-    assert int(jnp.argmax(logits[0, 0])) in (0, 4)
+    assert int(jnp.argmax(logits[0, 0])) == 0  # two tokens start with symbol 0, one with 4
+
+    prior = np.array([0.1, 0.6, 0.3, 0.0])
+    heads.set_spelling(table, valid, unembedding, token_prior=prior)
+    np.testing.assert_allclose(np.asarray(heads.kernel[...])[0, :, 0],
+                               (0.1 * unembedding[0] + 0.6 * unembedding[1]) / 0.7, atol=1e-6)
+    assert np.asarray(heads.bias[...])[0, 4] == pytest.approx(np.log(0.3))
 
 
 def test_head_cost_against_lm_head():
     cost = head_cost(576, 49152, HeadsConfig(16, 274))
-    assert cost["heads_params"] == 16 * 576 * 274
+    assert cost["heads_params"] == 16 * 576 * 274 + 16 * 274
     assert cost["lm_head_params"] == 576 * 49152
-    assert cost["ratio"] == pytest.approx(16 * 274 / 49152)
+    assert cost["ratio"] == pytest.approx((16 * 576 * 274 + 16 * 274) / (576 * 49152))
     shared = head_cost(576, 49152, HeadsConfig(16, 274, adapter="shared"))
     assert shared["heads_params"] == cost["heads_params"] + 2 * 576 * 2304 + 2304 + 576

@@ -26,7 +26,7 @@ class HeadsConfig:
 
     k: int
     num_symbols: int
-    use_bias: bool = False
+    use_bias: bool = True
     adapter: AdapterKind = "none"
     adapter_multiplier: int = 4  # adapter hidden width = multiplier * d
     init: HeadInit = "lm_head_mean"
@@ -100,23 +100,34 @@ class CharHeads(nnx.Module):
         return logits + self.symbol_mask[...]
 
     def set_spelling(self, table: np.ndarray, valid: np.ndarray,
-                     unembedding: np.ndarray | None = None) -> None:
+                     unembedding: np.ndarray | None = None,
+                     token_prior: np.ndarray | None = None) -> None:
         """Masks symbols that no valid token of `table` `[V, k]` has at a position (so PAD never
-        comes first) and, for `lm_head_mean`, sets `W_i[:, c]` to the mean unembedding row
-        (`[V, d]`) of the valid tokens whose i-th symbol is c."""
+        comes first) and, for `lm_head_mean`, initialises head i from the unembedding `[V, d]`.
+
+        With token weights w (the `token_prior`, else uniform) and S the valid tokens whose i-th
+        symbol is c: `W_i[:, c]` = the w-weighted mean of `u_v` over S and `b_i[c] = log Σ_S w_v`,
+        a first-order estimate of the log marginal `log Σ_S exp(h·u_v)`.
+        """
         k, c = self.config.k, self.config.num_symbols
-        table = np.where(valid[:, None], table, c)  # invalid rows fall into an ignored bin c
-        counts = np.stack([np.bincount(table[:, i], minlength=c + 1)[:c] for i in range(k)])
-        self.symbol_mask[...] = jnp.asarray(np.where(counts > 0, 0.0, MASKED_LOGIT), jnp.float32)
+        weights = np.where(valid, 1.0 if token_prior is None else token_prior, 0.0)
+        binned = np.where(valid[:, None], table, c)  # invalid rows fall into an ignored bin c
+        mass = np.stack([np.bincount(binned[:, i], weights=weights, minlength=c + 1)[:c]
+                         for i in range(k)])  # [k, C]
+        present = np.stack([np.bincount(binned[:, i], minlength=c + 1)[:c] for i in range(k)]) > 0
+        self.symbol_mask[...] = jnp.asarray(np.where(present, 0.0, MASKED_LOGIT), jnp.float32)
         if self.config.init != "lm_head_mean":
             return
         if unembedding is None:
             raise ValueError("init='lm_head_mean' needs the LM head's unembedding matrix.")
-        unembedding = jnp.asarray(unembedding, jnp.float32)
-        sums = jnp.stack([jax.ops.segment_sum(unembedding, jnp.asarray(table[:, i]),
-                                              num_segments=c) for i in range(k)])  # [k, C, d]
-        means = sums / jnp.maximum(jnp.asarray(counts, jnp.float32), 1)[..., None]
+        weighted = jnp.asarray(unembedding, jnp.float32) * jnp.asarray(weights, jnp.float32)[:, None]
+        sums = jnp.stack([jax.ops.segment_sum(weighted, jnp.asarray(table[:, i]), num_segments=c)
+                          for i in range(k)])  # [k, C, d]
+        means = sums / jnp.maximum(jnp.asarray(mass, jnp.float32), 1e-30)[..., None]
         self.kernel[...] = jnp.swapaxes(means, 1, 2).astype(self.kernel[...].dtype)
+        if self.bias is not None:
+            log_mass = np.log(np.maximum(mass, 1e-30)).astype(np.float32)
+            self.bias[...] = jnp.asarray(np.where(present, log_mass, 0.0), self.bias[...].dtype)
 
 
 def head_cost(d: int, vocab_size: int, config: HeadsConfig) -> dict[str, float]:

@@ -48,8 +48,10 @@ class SpeLLM(LlamaForCausalLM):
             return self.model.embed_tokens[...]
         return self.lm_head.kernel[...].T
 
-    def attach_spelling(self, spelling: SpellingTable, init_heads: bool = True) -> None:
-        """Loads the decoding constants and the symbol mask; initialises the heads if asked."""
+    def attach_spelling(self, spelling: SpellingTable, init_heads: bool = True,
+                        token_prior: np.ndarray | None = None) -> None:
+        """Loads the decoding constants and the symbol mask; initialises the heads if asked
+        (`token_prior` `[V]` weights the LM-head rows, see `CharHeads.set_spelling`)."""
         heads = self.heads_config
         if (spelling.k, spelling.num_symbols) != (heads.k, heads.num_symbols):
             raise ValueError(f"spelling table has k={spelling.k}, C={spelling.num_symbols} but the "
@@ -64,7 +66,7 @@ class SpeLLM(LlamaForCausalLM):
         self.lookup_hashes.set_value(jnp.asarray(hashes))
         self.lookup_ids.set_value(jnp.asarray(ids))
         unembedding = np.asarray(self.unembedding()) if init_heads else None
-        self.char_heads.set_spelling(table, np.asarray(spelling.valid), unembedding)
+        self.char_heads.set_spelling(table, np.asarray(spelling.valid), unembedding, token_prior)
 
     def char_logits(self, hidden: jax.Array) -> jax.Array:
         return self.char_heads(hidden)
