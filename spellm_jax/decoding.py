@@ -198,7 +198,7 @@ def _host_chunk(s: DecodeState, max_new_tokens: int, spelling, tokenizer, pad_id
             pending.append([int(tokens[row])])
         else:
             text, special = spelling.unspell(rows[row])
-            ids = spelling.ids_for_bytes(text, tokenizer) + ([] if special is None else [special])
+            ids = _encode_lossy(spelling, text, tokenizer) + ([] if special is None else [special])
             if not ids:  # the symbol mask keeps PAD from coming first, so this is a bug
                 raise RuntimeError(f"row {row} emitted an empty string: {rows[row].tolist()}")
             pending.append(ids)
@@ -211,6 +211,23 @@ def _host_chunk(s: DecodeState, max_new_tokens: int, spelling, tokenizer, pad_id
             ids[row, width - len(row_ids):] = row_ids
             mask[row, width - len(row_ids):] = True
     return ids, mask
+
+
+def _encode_lossy(spelling, data: bytes, tokenizer) -> list[int]:
+    """Input ids for `data`, skipping bytes that no sequence of vocabulary tokens can spell
+    (SmolLM2 has no token for 21 byte values; the symbol mask makes such output rare)."""
+    ids: list[int] = []
+    while data:
+        consumed = 1  # when no prefix can be spelled, the first byte is dropped
+        for end in range(len(data), 0, -1):
+            try:
+                ids += spelling.ids_for_bytes(data[:end], tokenizer)
+            except ValueError:
+                continue
+            consumed = end
+            break
+        data = data[consumed:]
+    return ids
 
 
 def _grow(s: DecodeState, extra: int) -> DecodeState:

@@ -114,3 +114,11 @@ def test_batched_spellm_decoding_equals_single_rows(smollm2_spellm):
         together = decoding.generate(model, prompts, 8, rule, **kwargs)
         alone = [decoding.generate(model, [p], 8, rule, **kwargs)[0] for p in prompts]
         assert together == alone
+
+
+def test_unspellable_bytes_are_dropped_not_fatal(smollm2_spellm):
+    _, tokenizer, spelling = smollm2_spellm
+    with pytest.raises(ValueError, match="0x04"):
+        spelling.ids_for_bytes(b"a\x04b", tokenizer)
+    ids = decoding._encode_lossy(spelling, b"a\x04b", tokenizer)
+    assert b"".join(spelling.spellings[i] for i in ids) == b"ab"
