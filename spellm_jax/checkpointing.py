@@ -53,3 +53,62 @@ def commit_output_dir(staging: Path, out: Path) -> None:
         shutil.rmtree(backup) if backup.is_dir() else backup.unlink()
     else:
         staging.rename(out)
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose structure does not fit the run that tries to restore it."""
+
+
+def flatten_tree(tree) -> tuple[dict, object]:
+    """`{"path": leaf}` (paths from jax key paths) and the treedef to rebuild the tree."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(path): leaf for path, leaf in leaves}, treedef
+
+
+class TrainCheckpoints:
+    """Orbax CheckpointManager over `workdir/checkpoints`: train state (as a flat dict of paths we
+    own), data-iterator state and metadata JSON per step. `checkpoint N` = state after N updates."""
+
+    def __init__(self, workdir: Path, keep: int, save_every: int, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=save_every,
+            enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints",
+                                             options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_state: dict, metadata: dict, force: bool = False
+             ) -> bool:
+        flat, _ = flatten_tree(state)
+        return self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(flat), data=ocp.args.JsonSave(data_state),
+            metadata=ocp.args.JsonSave(metadata)), force=force)
+
+    def restore(self, step: int, abstract_state) -> tuple[object, dict, dict]:
+        """Restores into `abstract_state` (ShapeDtypeStructs carrying the target shardings)."""
+        target, treedef = flatten_tree(abstract_state)
+        stored = self.manager.item_metadata(step)["state"]
+        stored_shapes = {k: tuple(v.shape) for k, v in stored.items()}
+        target_shapes = {k: tuple(v.shape) for k, v in target.items()}
+        if stored_shapes != target_shapes:
+            missing = sorted(set(target_shapes) - set(stored_shapes))[:5]
+            extra = sorted(set(stored_shapes) - set(target_shapes))[:5]
+            wrong = sorted(k for k in set(target_shapes) & set(stored_shapes)
+                           if target_shapes[k] != stored_shapes[k])[:5]
+            raise CheckpointMismatchError(
+                f"checkpoint {step} in {self.manager.directory} does not fit this run: missing "
+                f"{missing}, unexpected {extra}, different shapes {wrong}. It was written with "
+                "another model, trainable set or heads config; use a fresh --workdir.")
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
+            metadata=ocp.args.JsonRestore()))
+        leaves = [restored["state"][key] for key in target]
+        return jax.tree_util.tree_unflatten(treedef, leaves), restored["data"], restored["metadata"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

@@ -43,7 +43,8 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]
 def main(argv: list[str]) -> None:
     del argv
     from spellm_jax import decoding
-    from spellm_jax.pretrained import load_pretrained, load_spellm, spellm_from_pretrained
+    from spellm_jax.pretrained import load_pretrained, spellm_from_pretrained
+    from spellm_jax.trainer import load_spellm
 
     if FLAGS.checkpoint:
         model, tokenizer, spelling = load_spellm(FLAGS.checkpoint)

@@ -19,7 +19,7 @@ from spellm_jax.models.llama import LlamaForCausalLM, RuntimeOptions
 from spellm_jax.models.params import load_params
 from spellm_jax.models.spellm import SpeLLM
 
-CHAR_HEADS = "char_heads/"
+NOT_IN_PRETRAINED = r"^char_heads/|/lora_[ab]$"  # parameters a pretrained source does not have
 
 
 def build_model(config: ModelConfig, options: RuntimeOptions, params: Mapping[str, Any],
@@ -61,7 +61,7 @@ def build_spellm(pretrained: Pretrained, spelling: SpellingTable, heads: HeadsCo
     options = options or RuntimeOptions()
     config = pretrained.config
     model = nnx.eval_shape(lambda: SpeLLM(config, heads, options, rngs=nnx.Rngs(0)))
-    load_params(model, pretrained.params, pretrained.source, exclude=(CHAR_HEADS,))
+    load_params(model, pretrained.params, pretrained.source, exclude=NOT_IN_PRETRAINED)
     model.char_heads = CharHeads(config.hidden_size, heads, options, nnx.Rngs(seed))
     prior = None
     if heads.init == "lm_head_mean" and prior_tokens > 0:

@@ -46,9 +46,10 @@ class ResidualMLP(nnx.Module):
     """`x + down(silu(up(x)))`, with `down` zero-initialised so it starts as the identity."""
 
     def __init__(self, d: int, hidden: int, options: RuntimeOptions, rngs: nnx.Rngs):
-        self.up = Dense(d, hidden, ("embed", "mlp"), use_bias=True, options=options, rngs=rngs)
+        self.up = Dense(d, hidden, ("embed", "mlp"), use_bias=True, options=options, rngs=rngs,
+                        lora=False)
         self.down = Dense(hidden, d, ("mlp", "embed"), use_bias=True, options=options, rngs=rngs,
-                          kernel_init=jax.nn.initializers.zeros)
+                          kernel_init=jax.nn.initializers.zeros, lora=False)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return x + self.down(jax.nn.silu(self.up(x)))

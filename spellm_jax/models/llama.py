@@ -32,6 +32,8 @@ class RuntimeOptions:
     param_dtype: jnp.dtype = jnp.float32
     scan_layers: bool = False
     remat: RematPolicy = "none"
+    lora_rank: int = 0  # > 0 adds LoRA factors to every attention and MLP projection
+    lora_alpha: float = 16.0
 
 
 @struct.dataclass
@@ -52,18 +54,32 @@ class KVCache:
 
 
 class Dense(nnx.Module):
-    """`x @ kernel (+ bias)` with kernel `[in, out]` (HF weight transposed) and logical axes."""
+    """`x @ kernel (+ bias)` with kernel `[in, out]` (HF weight transposed) and logical axes, plus
+    optional LoRA factors (`options.lora_rank`)."""
 
     def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, use_bias: bool,
-                 options: RuntimeOptions, rngs: nnx.Rngs, kernel_init=_kernel_init):
+                 options: RuntimeOptions, rngs: nnx.Rngs, kernel_init=_kernel_init,
+                 lora: bool = True):
         self.kernel = sharding.param(rngs.params(), kernel_init, (d_in, d_out), axes,
                                      options.param_dtype)
         self.bias = (sharding.param(rngs.params(), _zeros, (d_out,), axes[1:], options.param_dtype)
                      if use_bias else None)
         self.dtype = options.dtype
+        rank = options.lora_rank if lora else 0
+        # LoRA: kernel + (alpha / rank) A B, with B zero so training starts from the original.
+        self.lora_a = (sharding.param(rngs.params(), jax.nn.initializers.normal(1 / d_in**0.5),
+                                      (d_in, rank), (axes[0], "lora_rank"), options.param_dtype)
+                       if rank else None)
+        self.lora_b = (sharding.param(rngs.params(), _zeros, (rank, d_out), ("lora_rank", axes[1]),
+                                      options.param_dtype) if rank else None)
+        self.lora_scale = options.lora_alpha / rank if rank else 0.0
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        x = x.astype(self.dtype)
+        y = x @ self.kernel[...].astype(self.dtype)
+        if self.lora_a is not None:
+            low_rank = x @ self.lora_a[...].astype(self.dtype)
+            y = y + self.lora_scale * (low_rank @ self.lora_b[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -249,32 +265,40 @@ class Llama(nnx.Module):
                 f"tokens, but {num_keys} keys were asked for; spellm_jax implements full causal "
                 f"attention only, so keep sequences (and KV caches) at most {window} long.")
         cos, sin = rope_tables(self.config, positions)
-        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.options.dtype)
+        x = self.embed(input_ids)
+        x, new_cache = self.run_layers(x, cos, sin, key_valid, write_index, cache)
+        return self.norm(x), new_cache
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.options.dtype)
+
+    def run_layers(self, x, cos, sin, key_valid, write_index=0, cache: KVCache | None = None,
+                   start: int = 0, end: int | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Blocks `start..end` (all by default) on the residual stream `x`, without final norm."""
+        end = self.config.num_layers if end is None else end
         run = _remat(_run_block, self.options.remat)
         if self.options.scan_layers:
             graphdef, stacked = nnx.split(self.layers)
+            if (start, end) != (0, self.config.num_layers):
+                stacked = jax.tree.map(lambda a: a[start:end], stacked)
 
             def body(h, layer):
                 block_state, cache_kv = layer
-                h, cache_kv = run(graphdef, block_state, h, cos, sin, key_valid, write_index,
-                                  cache_kv)
-                return h, cache_kv
+                return run(graphdef, block_state, h, cos, sin, key_valid, write_index, cache_kv)
 
             per_layer_cache = None if cache is None else (cache.keys, cache.values)
             x, new_kv = jax.lax.scan(body, x, (stacked, per_layer_cache))
-        else:
-            new_k, new_v = [], []
-            for i, block in enumerate(self.layers):
-                graphdef, block_state = nnx.split(block)
-                layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-                x, layer_cache = run(graphdef, block_state, x, cos, sin, key_valid, write_index,
-                                     layer_cache)
-                if layer_cache is not None:
-                    new_k.append(layer_cache[0])
-                    new_v.append(layer_cache[1])
-            new_kv = None if cache is None else (jnp.stack(new_k), jnp.stack(new_v))
-        new_cache = None if cache is None else KVCache(*new_kv)
-        return self.norm(x), new_cache
+            return x, (None if cache is None else KVCache(*new_kv))
+        new_k, new_v = [], []
+        for i in range(start, end):
+            graphdef, block_state = nnx.split(self.layers[i])
+            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
+            x, layer_cache = run(graphdef, block_state, x, cos, sin, key_valid, write_index,
+                                 layer_cache)
+            if layer_cache is not None:
+                new_k.append(layer_cache[0])
+                new_v.append(layer_cache[1])
+        return x, (None if cache is None else KVCache(jnp.stack(new_k), jnp.stack(new_v)))
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -287,7 +311,7 @@ class LlamaForCausalLM(nnx.Module):
         self.model = Llama(config, options, rngs)
         self.lm_head = None if config.tie_word_embeddings else Dense(
             config.hidden_size, config.vocab_size, ("embed", "vocab"),
-            use_bias=False, options=options, rngs=rngs)
+            use_bias=False, options=options, rngs=rngs, lora=False)
 
     def lm_logits(self, hidden: jax.Array) -> jax.Array:
         """Token logits `[..., V]` (fp32) from final hidden states."""

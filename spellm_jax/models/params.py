@@ -87,6 +87,11 @@ def _stacked_keys(module: nnx.Module) -> set[str]:
     return keys
 
 
+def _first_layer(stacked_key: str) -> str:
+    prefix, rest = stacked_key.split("/layers/", 1)
+    return f"{prefix}/layers/0/{rest}"
+
+
 def model_params(module: nnx.Module, canonical: bool = True) -> dict:
     """Flat params of a module; `canonical` unstacks scanned layers into one entry per layer."""
     flat = {"/".join(str(p) for p in path): variable.get_value()
@@ -128,19 +133,21 @@ def check_params(expected: Mapping[str, tuple[int, ...]], flat: Mapping, source:
 
 
 def load_params(module: nnx.Module, flat: Mapping, source: str = "the given weights",
-                exclude: tuple[str, ...] = ()) -> None:
+                exclude: str | None = None) -> None:
     """Writes canonical flat params into a module (stacking layers for a scanned model).
 
-    Parameters whose key starts with one of `exclude` are neither expected nor written.
+    Parameters whose key matches the regular expression `exclude` are neither expected nor
+    written (they keep the values the module has).
     """
-    expected = {k: v for k, v in param_shapes(module).items() if not k.startswith(exclude)}
+    skip = re.compile(exclude).search if exclude else (lambda key: False)
+    expected = {k: v for k, v in param_shapes(module).items() if not skip(k)}
     check_params(expected, flat, source)
     stacked_keys = _stacked_keys(module)
     layout = stack_layers(flat) if stacked_keys else dict(flat)
     state = nnx.state(module, nnx.Param)
     for path, variable in nnx.to_flat_state(state):
         key = "/".join(str(p) for p in path)
-        if exclude and key.startswith(exclude):
+        if skip(key) or (stacked_keys and key in stacked_keys and skip(_first_layer(key))):
             continue
         value = layout[key]
         variable.set_value(jax.numpy.asarray(value, dtype=variable.get_value().dtype))

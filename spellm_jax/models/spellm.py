@@ -35,6 +35,7 @@ class SpeLLM(LlamaForCausalLM):
         v, k = config.vocab_size, heads.k
         self.spelling_table = SpellingConstant(jnp.full((v, k), heads.num_symbols - 1, jnp.int32))
         self.token_valid = SpellingConstant(jnp.zeros((v,), bool))
+        self.token_lengths = SpellingConstant(jnp.zeros((v,), jnp.int32))
         self.lookup_hashes = SpellingConstant(jnp.zeros((v,), jnp.uint32))
         self.lookup_ids = SpellingConstant(jnp.full((v,), -1, jnp.int32))
 
@@ -63,6 +64,7 @@ class SpeLLM(LlamaForCausalLM):
         hashes, ids = spelling_lookup.build_lookup(table, np.asarray(spelling.canonical))
         self.spelling_table.set_value(jnp.asarray(table))
         self.token_valid.set_value(jnp.asarray(spelling.valid))
+        self.token_lengths.set_value(jnp.asarray(spelling.lengths, jnp.int32))
         self.lookup_hashes.set_value(jnp.asarray(hashes))
         self.lookup_ids.set_value(jnp.asarray(ids))
         unembedding = np.asarray(self.unembedding()) if init_heads else None

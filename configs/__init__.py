@@ -1,0 +1,1 @@
+"""Training configs as code: `--config=configs/llama.py:PRESET` (run from the repository root)."""

@@ -1,0 +1,74 @@
+"""Defaults shared by every spellm_jax training config (big_vision style: configs are code)."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The self-distillation defaults; presets in configs/llama.py override them."""
+    config = ml_collections.ConfigDict()
+    config.teacher = "smollm2"  # HF dir, hub name, .gguf, converted dir, smollm2, or tiny_random
+    config.seed = 0
+
+    config.model = ml_collections.ConfigDict()
+    config.model.dtype = "float32"  # compute dtype: float32 or bfloat16
+    config.model.param_dtype = "float32"
+    config.model.scan_layers = False
+    config.model.remat = "none"  # none | full | dots
+    config.model.tiny = ml_collections.ConfigDict()  # architecture of teacher=tiny_random
+    config.model.tiny.hidden_size = 64
+    config.model.tiny.intermediate_size = 128
+    config.model.tiny.num_layers = 2
+    config.model.tiny.num_heads = 4
+    config.model.tiny.num_kv_heads = 2
+
+    config.heads = ml_collections.ConfigDict()
+    config.heads.k = 16  # 0: the smallest k covering `coverage_target` of the training tokens
+    config.heads.coverage_target = 0.999
+    config.heads.use_bias = True
+    config.heads.adapter = "none"  # none | shared | per_head
+    config.heads.init = "lm_head_mean"  # lm_head_mean | normal
+    config.heads.prior_tokens = 64  # teacher-sampled tokens weighting the lm_head_mean init
+
+    config.train = ml_collections.ConfigDict()
+    config.train.trainable = "top_layers"  # heads | top_layers | lora | full
+    config.train.top_layers = 8
+    config.train.lora_rank = 16
+    config.train.lora_alpha = 32.0
+    config.train.steps = 300
+    config.train.batch_size = 16  # global, in sequences
+    config.train.seq_len = 128
+    config.train.grad_accum = 1
+    config.train.learning_rate = 1e-3
+    config.train.warmup_steps = 20
+    config.train.weight_decay = 0.01
+    config.train.grad_clip = 1.0
+    config.train.log_every = 10
+    config.train.eval_every = 100
+
+    config.loss = ml_collections.ConfigDict()
+    config.loss.soft_weight = 0.5
+    config.loss.hard_weight = 1.0
+    config.loss.temperature = 1.0
+    config.loss.chunk_size = 64
+
+    config.data = ml_collections.ConfigDict()
+    config.data.source = "self_generated"  # self_generated | corpus | mixed
+    config.data.corpora = ("shakespeare", "wiki")
+    config.data.num_samples = 256  # teacher generations
+    config.data.prompt_tokens = 24
+    config.data.new_tokens = 104
+    config.data.temperature = 1.0
+    config.data.top_p = 1.0
+    config.data.generation_batch = 32
+    config.data.eval_prompts = 32  # held-out prompts for greedy-continuation agreement
+    config.data.eval_new_tokens = 32
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one entry may be -1
+    config.distributed = False  # call jax.distributed.initialize() (multi-host TPU pods)
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.save_every = 100
+    config.checkpoint.keep = 3
+    config.checkpoint.async_save = True
+    return config

@@ -1,0 +1,141 @@
+"""What trains and how the teacher is computed, for each trainable set, and the train step.
+
+The teacher is always the original model. Its parameters are the student's *initial* values of
+the trainable set (LoRA starts at zero, so for `lora` that is the backbone without LoRA) merged
+with the shared frozen rest, so no trainable set needs a second full model in memory beyond the
+copy it trains:
+
+heads       one backbone pass serves teacher and student (the backbone is frozen);
+top_layers  the frozen lower blocks run once; the original and the trained top blocks both run;
+lora        the backbone runs with and without LoRA;
+full        the backbone runs twice, the teacher from a frozen copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from spellm_jax.losses import LossConfig, chunked_distillation_loss
+from spellm_jax.models.llama import positions_from_mask, rope_tables
+from spellm_jax.models.spellm import SpeLLM
+
+TRAINABLE_SETS = ("heads", "top_layers", "lora", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSpec:
+    """The static part of a train step."""
+
+    trainable: str
+    top_layers: int
+    loss: LossConfig
+    grad_accum: int = 1
+
+    def __post_init__(self) -> None:
+        if self.trainable not in TRAINABLE_SETS:
+            raise ValueError(f"train.trainable={self.trainable!r}; choose one of {TRAINABLE_SETS}.")
+
+
+def trainable_filter(spec: DistillSpec, num_layers: int) -> Callable:
+    """nnx filter selecting the parameters that train (always including the character heads)."""
+    first_trained = num_layers - spec.top_layers
+
+    def is_trainable(path: tuple, variable) -> bool:
+        if not isinstance(variable, nnx.Param):
+            return False
+        keys = tuple(str(p) for p in path)
+        if keys[0] == "char_heads":
+            return True
+        if spec.trainable == "top_layers":
+            return (keys[:2] == ("model", "norm")
+                    or (keys[:2] == ("model", "layers") and int(keys[2]) >= first_trained))
+        if spec.trainable == "lora":
+            return keys[-1] in ("lora_a", "lora_b")
+        return spec.trainable == "full" and keys[0] == "model"
+
+    return is_trainable
+
+
+def split_model(model: SpeLLM, spec: DistillSpec):
+    """`(graphdef, trainable, rest)`: rest holds frozen parameters and spelling constants."""
+    return nnx.split(model, trainable_filter(spec, model.config.num_layers), ...)
+
+
+def hidden_pair(student: SpeLLM, teacher: SpeLLM, input_ids: jax.Array, spec: DistillSpec
+                ) -> tuple[jax.Array, jax.Array]:
+    """Final hidden states `[B, T, d]` of the student and (gradient-free) of the teacher."""
+    mask = jnp.ones(input_ids.shape, bool)  # packed sequences: every position is a real token
+    if spec.trainable == "heads":
+        hidden = jax.lax.stop_gradient(student.model(input_ids, attention_mask=mask)[0])
+        return hidden, hidden
+    if spec.trainable == "top_layers":
+        backbone = student.model
+        cos, sin = rope_tables(student.config, positions_from_mask(mask))
+        split = student.config.num_layers - spec.top_layers
+        lower, _ = backbone.run_layers(backbone.embed(input_ids), cos, sin, mask, end=split)
+        lower = jax.lax.stop_gradient(lower)
+        student_hidden = backbone.norm(backbone.run_layers(lower, cos, sin, mask, start=split)[0])
+        top = teacher.model
+        teacher_hidden = top.norm(top.run_layers(lower, cos, sin, mask, start=split)[0])
+        return student_hidden, jax.lax.stop_gradient(teacher_hidden)
+    student_hidden = student.model(input_ids, attention_mask=mask)[0]
+    teacher_hidden = jax.lax.stop_gradient(teacher.model(input_ids, attention_mask=mask)[0])
+    return student_hidden, teacher_hidden
+
+
+def distillation_loss(graphdef, params, teacher_params, rest, batch: dict, spec: DistillSpec):
+    """Mean loss over the batch's loss positions, and summed metrics."""
+    student = nnx.merge(graphdef, params, rest)
+    teacher = nnx.merge(graphdef, teacher_params, rest)
+    student_hidden, teacher_hidden = hidden_pair(student, teacher, batch["input_ids"], spec)
+    return chunked_distillation_loss(
+        student_hidden, teacher_hidden, student.char_logits, teacher.lm_logits,
+        student.spelling_table[...], student.token_lengths[...], student.token_valid[...],
+        batch["loss_mask"], spec.loss)
+
+
+def make_optimizer(learning_rate: float, warmup_steps: int, total_steps: int, weight_decay: float,
+                   grad_clip: float) -> optax.GradientTransformation:
+    """AdamW with linear warmup and cosine decay, after global-norm clipping."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, learning_rate, max(warmup_steps, 1), max(total_steps, warmup_steps + 1),
+        end_value=learning_rate * 0.1)
+    return optax.chain(optax.clip_by_global_norm(grad_clip),
+                       optax.adamw(schedule, weight_decay=weight_decay))
+
+
+def train_step(graphdef, tx: optax.GradientTransformation, spec: DistillSpec, state: dict,
+               teacher_params, rest, batch: dict) -> tuple[dict, dict]:
+    """One optimizer update from `spec.grad_accum` micro-batches; returns the new state and the
+    summed metrics (divide by `tokens` for means)."""
+    grad_fn = jax.value_and_grad(
+        functools.partial(distillation_loss, graphdef, spec=spec), has_aux=True)
+
+    def micro_step(carry, micro):
+        grads, sums = carry
+        (_, micro_sums), micro_grads = grad_fn(state["params"], teacher_params, rest, micro)
+        # Each micro-batch's gradient is of its mean loss: weight by its tokens.
+        weight = micro_sums["tokens"]
+        grads = jax.tree.map(lambda g, m: g + weight * m, grads, micro_grads)
+        return (grads, jax.tree.map(jnp.add, sums, micro_sums)), None
+
+    micro_batches = jax.tree.map(
+        lambda x: x.reshape(spec.grad_accum, x.shape[0] // spec.grad_accum, *x.shape[1:]), batch)
+    zero_grads = jax.tree.map(jnp.zeros_like, state["params"])
+    zero_sums = jax.eval_shape(lambda: distillation_loss(
+        graphdef, state["params"], teacher_params, rest,
+        jax.tree.map(lambda x: x[0], micro_batches), spec)[1])
+    zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_sums)
+    (grads, sums), _ = jax.lax.scan(micro_step, (zero_grads, zero_sums), micro_batches)
+    grads = jax.tree.map(lambda g: g / jnp.maximum(sums["tokens"], 1.0), grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    sums["grad_norm"] = optax.global_norm(grads)
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, sums

@@ -1,0 +1,359 @@
+"""The self-distillation run: mesh, sharded state, data, the jitted step, checkpoints, metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from spellm_jax import data as data_lib
+from spellm_jax import decoding, sharding
+from spellm_jax.charset import SpellingTable, choose_k
+from spellm_jax.checkpointing import TrainCheckpoints
+from spellm_jax.conversion.sources import Pretrained, load_source
+from spellm_jax.distill import DistillSpec, make_optimizer, split_model, train_step
+from spellm_jax.errors import ConfigError
+from spellm_jax.losses import LossConfig
+from spellm_jax.metrics import continuation_agreement
+from spellm_jax.models.char_heads import HeadsConfig
+from spellm_jax.models.config import ModelConfig
+from spellm_jax.models.llama import LlamaForCausalLM, RuntimeOptions
+from spellm_jax.models.params import model_params
+from spellm_jax.pretrained import build_spellm
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+TINY_TEACHER = "tiny_random"
+METADATA_FILE = "spellm.json"
+SPELLING_FILE = "spelling_table.json"
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
+    """Refuses configs that cannot run on these devices, with the fix in the message."""
+    train = config.train
+    mesh = list(config.mesh.shape)
+    try:
+        sharding.make_mesh(mesh, devices=list(range(num_devices)))
+    except ValueError as error:
+        raise ConfigError(f"config.mesh.shape: {error}") from error
+    known = int(np.prod([m for m in mesh if m != -1]))
+    resolved = [num_devices // known if m == -1 else m for m in mesh]
+    batch_shards = resolved[0] * resolved[1]
+    per_update = train.batch_size // max(train.grad_accum, 1)
+    if train.batch_size % train.grad_accum or per_update % batch_shards:
+        raise ConfigError(
+            f"train.batch_size={train.batch_size} must split into grad_accum={train.grad_accum} "
+            f"micro-batches that divide over data*fsdp={batch_shards} devices; pick a batch size "
+            f"that is a multiple of {train.grad_accum * batch_shards}.")
+    if train.batch_size % num_processes:
+        raise ConfigError(f"train.batch_size={train.batch_size} is not a multiple of the "
+                          f"{num_processes} hosts.")
+    if train.seq_len % min(config.loss.chunk_size, train.seq_len):
+        raise ConfigError(f"train.seq_len={train.seq_len} is not a multiple of "
+                          f"loss.chunk_size={config.loss.chunk_size}.")
+    if train.trainable == "top_layers" and config.model.scan_layers:
+        raise ConfigError("train.trainable=top_layers needs model.scan_layers=False (the top "
+                          "blocks train apart from the stacked lower ones).")
+    DistillSpec(train.trainable, train.top_layers, loss_config(config), train.grad_accum)
+    if config.model.dtype not in DTYPES or config.model.param_dtype not in DTYPES:
+        raise ConfigError(f"model.dtype / param_dtype must be one of {sorted(DTYPES)}.")
+
+
+def loss_config(config) -> LossConfig:
+    return LossConfig(config.loss.soft_weight, config.loss.hard_weight, config.loss.temperature,
+                      config.loss.chunk_size)
+
+
+def runtime_options(config) -> RuntimeOptions:
+    lora = config.train.trainable == "lora"
+    return RuntimeOptions(dtype=DTYPES[config.model.dtype],
+                          param_dtype=DTYPES[config.model.param_dtype],
+                          scan_layers=config.model.scan_layers, remat=config.model.remat,
+                          lora_rank=config.train.lora_rank if lora else 0,
+                          lora_alpha=config.train.lora_alpha)
+
+
+def load_teacher(config) -> Pretrained:
+    """The frozen teacher: a pretrained source, or a seeded random tiny model for tests."""
+    if config.teacher != TINY_TEACHER:
+        return load_source(config.teacher)
+    from spellm_jax.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2")
+    tiny = config.model.tiny
+    model_config = ModelConfig(
+        vocab_size=len(tokenizer), hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size, num_layers=tiny.num_layers,
+        num_heads=tiny.num_heads, num_kv_heads=tiny.num_kv_heads,
+        head_dim=tiny.hidden_size // tiny.num_heads, tie_word_embeddings=True,
+        eos_token_ids=(tokenizer.eos_token_id,))
+    model = LlamaForCausalLM(model_config, rngs=nnx.Rngs(config.seed))
+    params = {k: np.asarray(v) for k, v in model_params(model).items()}
+    return Pretrained(model_config, params, tokenizer, TINY_TEACHER)
+
+
+def _place(tree, mesh):
+    """Puts every variable of an NNX state onto `mesh` by its logical axes."""
+    return jax.device_put(tree, sharding.shardings_of(tree, mesh))
+
+
+class MetricsWriter:
+    """metrics.jsonl plus TensorBoard event files in the workdir (process 0 only)."""
+
+    def __init__(self, workdir: Path):
+        from tensorboardX import SummaryWriter
+
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            self.jsonl = (workdir / "metrics.jsonl").open("a")
+            self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        for name, value in metrics.items():
+            self.tensorboard.add_scalar(name, value, step)
+        self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tensorboard.close()
+
+
+def _summarise(sums: dict) -> dict[str, float]:
+    sums = jax.device_get(sums)
+    tokens = max(float(sums["tokens"]), 1.0)
+    out = {name: float(sums[name]) / tokens
+           for name in ("loss", "soft_kl", "hard_ce", "exact_token_acc", "truncated_share")}
+    out |= {f"head_acc/{i}": float(v) / tokens for i, v in enumerate(sums["head_acc"])}
+    out["grad_norm"] = float(sums["grad_norm"])
+    return out
+
+
+class Preempted:
+    """Turns SIGTERM (a preempted TPU VM) into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Self-distils a SpeLLM into `workdir`; resumes from its latest checkpoint if there is one."""
+    if config.distributed:
+        jax.distributed.initialize()
+    validate(config, jax.device_count(), jax.process_count())
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = sharding.make_mesh(config.mesh.shape)
+    spec = DistillSpec(config.train.trainable, config.train.top_layers, loss_config(config),
+                       config.train.grad_accum)
+
+    teacher = load_teacher(config)
+    tokenizer = teacher.tokenizer
+    dataset = data_lib.training_data(config, teacher)
+    k = config.heads.k or choose_k(
+        SpellingTable.from_tokenizer(tokenizer, 64, teacher.config.vocab_size).lengths,
+        np.bincount(dataset.tokens.ravel(), minlength=teacher.config.vocab_size),
+        config.heads.coverage_target)
+    spelling = SpellingTable.from_tokenizer(tokenizer, k, vocab_size=teacher.config.vocab_size)
+    spelling.save(workdir / SPELLING_FILE)
+    heads = HeadsConfig(k=k, num_symbols=spelling.num_symbols, use_bias=config.heads.use_bias,
+                        adapter=config.heads.adapter, init=config.heads.init)
+    metadata = {"config": json.loads(config.to_json_best_effort()),
+                "model_config": json.loads(teacher.config.to_json()),
+                "heads_config": dataclasses.asdict(heads), "teacher_source": teacher.source,
+                "spelling_table_hash": spelling.content_hash,
+                "scan_layers": config.model.scan_layers, "trainable": spec.trainable,
+                "format_version": 1}
+    _check_or_write_metadata(workdir, metadata)
+
+    model = build_spellm(teacher, spelling, heads, runtime_options(config), seed=config.seed,
+                         prior_tokens=config.heads.prior_tokens)
+    if spec.trainable == "lora":
+        _init_lora(model, config.seed)
+    graphdef, params, rest = split_model(model, spec)
+    params, rest = _place(params, mesh), _place(rest, mesh)
+    teacher_params = jax.tree.map(jnp.copy, params)
+    tx = make_optimizer(config.train.learning_rate, config.train.warmup_steps, config.train.steps,
+                        config.train.weight_decay, config.train.grad_clip)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params,
+             "opt_state": jax.jit(tx.init)(params)}
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+
+    checkpoints = TrainCheckpoints(workdir, config.checkpoint.keep, config.checkpoint.save_every,
+                                   config.checkpoint.async_save)
+    iterator = data_lib.BatchIterator(dataset.tokens, dataset.loss_mask, config.train.batch_size,
+                                      config.seed, jax.process_index(), jax.process_count())
+    start_step = checkpoints.latest_step() or 0
+    if start_step:
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        state, data_state, _ = checkpoints.restore(start_step, abstract)
+        iterator.set_state(data_state)
+        print(f"resumed from checkpoint {start_step} in {workdir}", file=sys.stderr)
+
+    batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(("batch", "length")))
+    step_fn = jax.jit(functools.partial(train_step, graphdef, tx, spec),
+                      in_shardings=(state_shardings, sharding.shardings_of(teacher_params, mesh),
+                                    sharding.shardings_of(rest, mesh), batch_sharding),
+                      out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
+                      donate_argnums=(0,))
+    teacher_model = nnx.merge(graphdef, teacher_params, rest)
+    eval_set = _eval_sequences(teacher_model, dataset, config)
+    writer = MetricsWriter(workdir)
+    preempted = Preempted()
+    progress = _progress(start_step, config.train.steps)
+    step, tokens_per_step = start_step, config.train.batch_size * config.train.seq_len
+    last_time, summary = time.time(), {}
+    try:
+        while step < config.train.steps and not preempted.requested:
+            local = iterator.next()
+            batch = {name: jax.make_array_from_process_local_data(batch_sharding, value)
+                     for name, value in local.items()}
+            state, sums = step_fn(state, teacher_params, rest, batch)
+            step += 1
+            if step % config.train.log_every == 0 or step == config.train.steps:
+                summary = _summarise(sums)
+                if not np.isfinite(summary["loss"]):
+                    raise FloatingPointError(
+                        f"loss is {summary['loss']} at step {step}; lower train.learning_rate or "
+                        "use model.dtype=float32. The last good checkpoint is kept.")
+                now = time.time()
+                summary["tokens_per_s"] = tokens_per_step * config.train.log_every / (
+                    now - last_time)
+                last_time = now
+                writer.write(step, summary)
+                progress(step, summary)
+            if step % config.train.eval_every == 0 or step == config.train.steps:
+                evaluation = _evaluate(graphdef, state["params"], rest, eval_set)
+                writer.write(step, {f"heldout/{k}": v for k, v in evaluation.items()})
+                summary |= evaluation
+            checkpoints.save(step, state, iterator.get_state(), metadata,
+                             force=step == config.train.steps or preempted.requested)
+    finally:
+        checkpoints.wait()
+        checkpoints.close()
+        writer.close()
+        preempted.restore()
+    evaluation = _evaluate(graphdef, state["params"], rest, eval_set)
+    path = workdir / "checkpoints" / str(step)
+    print(f"\ncheckpoint: {path}\nheld-out agreement with the teacher's greedy continuations: "
+          f"free {evaluation['free_agreement']:.1%}, vocabulary-constrained "
+          f"{evaluation['vocab_agreement']:.1%} ({evaluation['positions']} positions)")
+    return {"checkpoint": str(path), "step": step, **summary, **evaluation}
+
+
+def _check_or_write_metadata(workdir: Path, metadata: dict) -> None:
+    """Writes `spellm.json`; a workdir from another teacher or spelling table is refused."""
+    path = workdir / METADATA_FILE
+    if path.exists():
+        old = json.loads(path.read_text())
+        for key in ("teacher_source", "spelling_table_hash", "trainable", "heads_config"):
+            if old.get(key) != metadata[key]:
+                raise ConfigError(
+                    f"{workdir} holds a run with {key}={old.get(key)!r}, but this config gives "
+                    f"{metadata[key]!r}; use a fresh --workdir (nothing was overwritten).")
+    path.write_text(json.dumps(metadata, indent=2))
+
+
+def _init_lora(model, seed: int) -> None:
+    """Concrete LoRA factors (A random, B zero) in place of the abstract ones left by loading."""
+    rngs = nnx.Rngs(seed + 1)
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = str(path[-1])
+        if name not in ("lora_a", "lora_b"):
+            continue
+        shape, dtype = variable.get_value().shape, variable.get_value().dtype
+        scale = 1 / shape[-2] ** 0.5
+        value = (jax.random.normal(rngs.params(), shape, dtype) * scale if name == "lora_a"
+                 else jnp.zeros(shape, dtype))
+        variable.set_value(value)
+
+
+def _eval_sequences(teacher_model, dataset, config) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out prompts followed by the teacher's greedy continuations, and the target mask."""
+    prompts = dataset.heldout_prompts[:config.data.eval_prompts]
+    continuations = decoding.generate(teacher_model, prompts, config.data.eval_new_tokens,
+                                      decoding.LMHeadRule())
+    length = max(len(p) + len(c) for p, c in zip(prompts, continuations, strict=True))
+    sequences = np.zeros((len(prompts), length), np.int32)
+    targets = np.zeros((len(prompts), length), bool)
+    for row, (prompt, continuation) in enumerate(zip(prompts, continuations, strict=True)):
+        sequences[row, :len(prompt) + len(continuation)] = prompt + continuation
+        targets[row, len(prompt):len(prompt) + len(continuation)] = True
+    return sequences, targets
+
+
+def _evaluate(graphdef, params, rest, eval_set) -> dict[str, float]:
+    return continuation_agreement(nnx.merge(graphdef, params, rest), *eval_set)
+
+
+def _progress(start: int, total: int):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=start, desc="distilling", unit="step",
+               disable=jax.process_index() != 0)
+
+    def update(step: int, summary: dict) -> None:
+        bar.n = step
+        bar.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{summary['tokens_per_s']:.0f}",
+                        exact=f"{summary['exact_token_acc']:.2f}")
+
+    return update
+
+
+def load_spellm(path: str | Path) -> tuple[Any, Any, SpellingTable]:
+    """`(model, tokenizer, spelling)` of a trained SpeLLM: a workdir (its latest checkpoint) or
+    one `workdir/checkpoints/N` directory. The teacher is rebuilt from its recorded source."""
+    path = Path(path)
+    if (path / METADATA_FILE).is_file():
+        workdir, step = path, None
+    elif path.parent.name == "checkpoints" and (path.parent.parent / METADATA_FILE).is_file():
+        workdir, step = path.parent.parent, int(path.name)
+    else:
+        raise FileNotFoundError(f"{path} is neither a training workdir (with {METADATA_FILE}) nor "
+                                "a checkpoint directory inside one.")
+    metadata = json.loads((workdir / METADATA_FILE).read_text())
+    config = ml_collections.ConfigDict(metadata["config"])
+    spelling = SpellingTable.load(workdir / SPELLING_FILE)
+    spelling.check_hash(metadata["spelling_table_hash"], str(workdir / METADATA_FILE))
+    teacher = load_teacher(config)
+    model = build_spellm(teacher, spelling, HeadsConfig(**metadata["heads_config"]),
+                         runtime_options(config), prior_tokens=0)
+    if config.train.trainable == "lora":
+        _init_lora(model, config.seed)
+    spec = DistillSpec(config.train.trainable, config.train.top_layers, loss_config(config),
+                       config.train.grad_accum)
+    graphdef, params, rest = split_model(model, spec)
+    tx = make_optimizer(config.train.learning_rate, config.train.warmup_steps, config.train.steps,
+                        config.train.weight_decay, config.train.grad_clip)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    checkpoints = TrainCheckpoints(workdir, config.checkpoint.keep, config.checkpoint.save_every)
+    step = checkpoints.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{workdir} has no checkpoint yet.")
+    state, _, _ = checkpoints.restore(step, abstract)
+    checkpoints.close()
+    return nnx.merge(graphdef, state["params"], rest), teacher.tokenizer, spelling
