@@ -137,5 +137,5 @@ def train_step(graphdef, tx: optax.GradientTransformation, spec: DistillSpec, st
     grads = jax.tree.map(lambda g: g / jnp.maximum(sums["tokens"], 1.0), grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    sums["grad_norm"] = optax.global_norm(grads)
+    sums["grad_norm"] = optax.tree.norm(grads)
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, sums

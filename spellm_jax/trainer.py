@@ -18,7 +18,6 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from spellm_jax import data as data_lib
 from spellm_jax import decoding, sharding
 from spellm_jax.charset import SpellingTable, choose_k
 from spellm_jax.checkpointing import TrainCheckpoints
@@ -166,12 +165,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh.shape)
-    spec = DistillSpec(config.train.trainable, config.train.top_layers, loss_config(config),
-                       config.train.grad_accum)
+    from spellm_jax import training_data
 
     teacher = load_teacher(config)
     tokenizer = teacher.tokenizer
-    dataset = data_lib.training_data(config, teacher)
+    dataset = training_data.build(config, teacher)
     k = config.heads.k or choose_k(
         SpellingTable.from_tokenizer(tokenizer, 64, teacher.config.vocab_size).lengths,
         np.bincount(dataset.tokens.ravel(), minlength=teacher.config.vocab_size),
@@ -184,26 +182,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
                 "model_config": json.loads(teacher.config.to_json()),
                 "heads_config": dataclasses.asdict(heads), "teacher_source": teacher.source,
                 "spelling_table_hash": spelling.content_hash,
-                "scan_layers": config.model.scan_layers, "trainable": spec.trainable,
+                "scan_layers": config.model.scan_layers, "trainable": config.train.trainable,
                 "format_version": 1}
     _check_or_write_metadata(workdir, metadata)
 
-    model = build_spellm(teacher, spelling, heads, runtime_options(config), seed=config.seed,
-                         prior_tokens=config.heads.prior_tokens)
-    if spec.trainable == "lora":
-        _init_lora(model, config.seed)
-    graphdef, params, rest = split_model(model, spec)
-    params, rest = _place(params, mesh), _place(rest, mesh)
-    teacher_params = jax.tree.map(jnp.copy, params)
-    tx = make_optimizer(config.train.learning_rate, config.train.warmup_steps, config.train.steps,
-                        config.train.weight_decay, config.train.grad_clip)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params,
-             "opt_state": jax.jit(tx.init)(params)}
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
-
+    setup = prepare(config, teacher, spelling, heads, mesh)
+    graphdef, rest, teacher_params = setup.graphdef, setup.rest, setup.teacher_params
+    state = setup.state
     checkpoints = TrainCheckpoints(workdir, config.checkpoint.keep, config.checkpoint.save_every,
                                    config.checkpoint.async_save)
-    iterator = data_lib.BatchIterator(dataset.tokens, dataset.loss_mask, config.train.batch_size,
+    iterator = training_data.BatchIterator(dataset.tokens, dataset.loss_mask, config.train.batch_size,
                                       config.seed, jax.process_index(), jax.process_count())
     start_step = checkpoints.latest_step() or 0
     if start_step:
@@ -212,13 +200,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
         state, data_state, _ = checkpoints.restore(start_step, abstract)
         iterator.set_state(data_state)
         print(f"resumed from checkpoint {start_step} in {workdir}", file=sys.stderr)
-
-    batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(("batch", "length")))
-    step_fn = jax.jit(functools.partial(train_step, graphdef, tx, spec),
-                      in_shardings=(state_shardings, sharding.shardings_of(teacher_params, mesh),
-                                    sharding.shardings_of(rest, mesh), batch_sharding),
-                      out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
-                      donate_argnums=(0,))
+    batch_sharding, step_fn = setup.batch_sharding, setup.step_fn
     teacher_model = nnx.merge(graphdef, teacher_params, rest)
     eval_set = _eval_sequences(teacher_model, dataset, config)
     writer = MetricsWriter(workdir)
@@ -262,6 +244,58 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
           f"free {evaluation['free_agreement']:.1%}, vocabulary-constrained "
           f"{evaluation['vocab_agreement']:.1%} ({evaluation['positions']} positions)")
     return {"checkpoint": str(path), "step": step, **summary, **evaluation}
+
+
+def build_student(config, teacher: Pretrained, spelling: SpellingTable, heads: HeadsConfig,
+                  prior_tokens: int):
+    """`(spec, graphdef, trainable params, rest, optimizer)` of a fresh SpeLLM on the teacher."""
+    spec = DistillSpec(config.train.trainable, config.train.top_layers, loss_config(config),
+                       config.train.grad_accum)
+    model = build_spellm(teacher, spelling, heads, runtime_options(config), seed=config.seed,
+                         prior_tokens=prior_tokens)
+    if spec.trainable == "lora":
+        _init_lora(model, config.seed)
+    graphdef, params, rest = split_model(model, spec)
+    tx = make_optimizer(config.train.learning_rate, config.train.warmup_steps, config.train.steps,
+                        config.train.weight_decay, config.train.grad_clip)
+    return spec, graphdef, params, rest, tx
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a train step needs, placed on the mesh."""
+
+    graphdef: Any
+    state: dict  # step, trainable params, optimizer state (donated each step)
+    teacher_params: Any  # the trainable set's original values: the teacher's part
+    rest: Any  # frozen parameters and spelling constants
+    step_fn: Any  # jitted (state, teacher_params, rest, batch) -> (state, metric sums)
+    batch_sharding: NamedSharding
+
+
+def prepare(config, teacher: Pretrained, spelling: SpellingTable, heads: HeadsConfig,
+            mesh) -> Setup:
+    """Builds the SpeLLM on the teacher, splits what trains, shards it and jits the step."""
+    spec, graphdef, params, rest, tx = build_student(config, teacher, spelling, heads,
+                                                     config.heads.prior_tokens)
+    params, rest = _place(params, mesh), _place(rest, mesh)
+    teacher_params = jax.tree.map(jnp.copy, params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def on_mesh(x):  # scalars such as Adam's count come out of jit on one device
+        on = isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+        return x if on else jax.device_put(x, replicated)
+
+    state = jax.tree.map(on_mesh, {"step": jnp.zeros((), jnp.int32), "params": params,
+                                   "opt_state": jax.jit(tx.init)(params)})
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(("batch", "length")))
+    step_fn = jax.jit(functools.partial(train_step, graphdef, tx, spec),
+                      in_shardings=(state_shardings, sharding.shardings_of(teacher_params, mesh),
+                                    sharding.shardings_of(rest, mesh), batch_sharding),
+                      out_shardings=(state_shardings, replicated),
+                      donate_argnums=(0,))
+    return Setup(graphdef, state, teacher_params, rest, step_fn, batch_sharding)
 
 
 def _check_or_write_metadata(workdir: Path, metadata: dict) -> None:
@@ -339,15 +373,8 @@ def load_spellm(path: str | Path) -> tuple[Any, Any, SpellingTable]:
     spelling = SpellingTable.load(workdir / SPELLING_FILE)
     spelling.check_hash(metadata["spelling_table_hash"], str(workdir / METADATA_FILE))
     teacher = load_teacher(config)
-    model = build_spellm(teacher, spelling, HeadsConfig(**metadata["heads_config"]),
-                         runtime_options(config), prior_tokens=0)
-    if config.train.trainable == "lora":
-        _init_lora(model, config.seed)
-    spec = DistillSpec(config.train.trainable, config.train.top_layers, loss_config(config),
-                       config.train.grad_accum)
-    graphdef, params, rest = split_model(model, spec)
-    tx = make_optimizer(config.train.learning_rate, config.train.warmup_steps, config.train.steps,
-                        config.train.weight_decay, config.train.grad_clip)
+    _, graphdef, params, rest, tx = build_student(
+        config, teacher, spelling, HeadsConfig(**metadata["heads_config"]), prior_tokens=0)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     checkpoints = TrainCheckpoints(workdir, config.checkpoint.keep, config.checkpoint.save_every)
