@@ -58,7 +58,7 @@ def test_train_step_is_the_same_on_every_mesh(tiny_teacher, trainable):
     config = tiny_config(**{"train.trainable": trainable, "train.top_layers": 1,
                             "train.grad_accum": 1 if trainable != "lora" else 2})
     batches = random_batches(config)
-    reference_setup, reference, reference_losses = run_steps(config, tiny_teacher, MESHES[0],
+    _, reference, reference_losses = run_steps(config, tiny_teacher, MESHES[0],
                                                              batches)
     assert reference_losses[1] < reference_losses[0] * 1.5  # a sane, finite step
     want = jax.tree.map(np.asarray, reference["params"])
