@@ -73,8 +73,10 @@ class TrainCheckpoints:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=save_every,
             enable_async_checkpointing=async_save, create=True)
+        handlers = {"state": ocp.StandardCheckpointHandler(),
+                    "data": ocp.JsonCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints",
-                                             options=options)
+                                             options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -97,27 +97,29 @@ def shardings_of(tree, mesh: Mesh, rules=None):
     )
 
 
-def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ("data", "fsdp", "tensor") mesh; one entry may be -1 (all remaining devices)."""
-    devices = list(jax.devices() if devices is None else devices)
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int, int]:
+    """The ("data", "fsdp", "tensor") shape with -1 filled in; refuses shapes that do not fit."""
     shape = list(shape)
     if len(shape) != len(MESH_AXES):
         raise ValueError(f"mesh shape {tuple(shape)} must have {len(MESH_AXES)} entries {MESH_AXES}.")
-    if shape.count(-1) > 1:
-        raise ValueError(f"mesh shape {tuple(shape)}: at most one axis may be -1.")
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh shape {tuple(shape)}: sizes must be positive, at most one may be -1.")
     known = int(np.prod([s for s in shape if s != -1]))
     if -1 in shape:
-        if len(devices) % known:
+        if num_devices % known:
             raise ValueError(
-                f"mesh shape {tuple(shape)} cannot use {len(devices)} devices: "
-                f"{len(devices)} is not a multiple of {known}."
-            )
-        shape[shape.index(-1)] = len(devices) // known
-    if int(np.prod(shape)) != len(devices):
+                f"mesh shape {tuple(shape)} cannot use {num_devices} devices: "
+                f"{num_devices} is not a multiple of {known}.")
+        shape[shape.index(-1)] = num_devices // known
+    if int(np.prod(shape)) != num_devices:
         raise ValueError(
             f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices but "
-            f"{len(devices)} are available; make the product of the mesh axes equal it."
-        )
-    return jax.make_mesh(
-        tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
-    )
+            f"{num_devices} are available; make the product of the mesh axes equal it.")
+    return tuple(shape)
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh; one entry may be -1 (all remaining devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    return jax.make_mesh(resolve_mesh_shape(shape, len(devices)), MESH_AXES,
+                         axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)

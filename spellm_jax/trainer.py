@@ -41,13 +41,10 @@ SPELLING_FILE = "spelling_table.json"
 def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
     """Refuses configs that cannot run on these devices, with the fix in the message."""
     train = config.train
-    mesh = list(config.mesh.shape)
     try:
-        sharding.make_mesh(mesh, devices=list(range(num_devices)))
+        resolved = sharding.resolve_mesh_shape(config.mesh.shape, num_devices)
     except ValueError as error:
         raise ConfigError(f"config.mesh.shape: {error}") from error
-    known = int(np.prod([m for m in mesh if m != -1]))
-    resolved = [num_devices // known if m == -1 else m for m in mesh]
     batch_shards = resolved[0] * resolved[1]
     per_update = train.batch_size // max(train.grad_accum, 1)
     if train.batch_size % train.grad_accum or per_update % batch_shards:
@@ -165,11 +162,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh.shape)
-    from spellm_jax import training_data
+    from spellm_jax import data
 
     teacher = load_teacher(config)
     tokenizer = teacher.tokenizer
-    dataset = training_data.build(config, teacher)
+    dataset = data.training_data(config, teacher)
     k = config.heads.k or choose_k(
         SpellingTable.from_tokenizer(tokenizer, 64, teacher.config.vocab_size).lengths,
         np.bincount(dataset.tokens.ravel(), minlength=teacher.config.vocab_size),
@@ -191,7 +188,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     state = setup.state
     checkpoints = TrainCheckpoints(workdir, config.checkpoint.keep, config.checkpoint.save_every,
                                    config.checkpoint.async_save)
-    iterator = training_data.BatchIterator(dataset.tokens, dataset.loss_mask, config.train.batch_size,
+    iterator = data.BatchIterator(dataset.tokens, dataset.loss_mask, config.train.batch_size,
                                       config.seed, jax.process_index(), jax.process_count())
     start_step = checkpoints.latest_step() or 0
     if start_step:
