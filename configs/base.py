@@ -34,16 +34,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.top_layers = 8
     config.train.lora_rank = 16
     config.train.lora_alpha = 32.0
-    config.train.steps = 300
+    config.train.steps = 40
     config.train.batch_size = 16  # global, in sequences
     config.train.seq_len = 128
     config.train.grad_accum = 1
-    config.train.learning_rate = 1e-3
-    config.train.warmup_steps = 20
+    config.train.learning_rate = 5e-4
+    config.train.warmup_steps = 5
     config.train.weight_decay = 0.01
     config.train.grad_clip = 1.0
-    config.train.log_every = 10
-    config.train.eval_every = 100
+    config.train.log_every = 5
+    config.train.eval_every = 20
 
     config.loss = ml_collections.ConfigDict()
     config.loss.soft_weight = 0.5
@@ -54,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict()
     config.data.source = "self_generated"  # self_generated | corpus | mixed
     config.data.corpora = ("shakespeare", "wiki")
-    config.data.num_samples = 256  # teacher generations
+    config.data.num_samples = 192  # teacher generations
     config.data.prompt_tokens = 24
     config.data.new_tokens = 104
     config.data.temperature = 1.0
@@ -68,7 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.distributed = False  # call jax.distributed.initialize() (multi-host TPU pods)
 
     config.checkpoint = ml_collections.ConfigDict()
-    config.checkpoint.save_every = 100
+    config.checkpoint.save_every = 20
     config.checkpoint.keep = 3
     config.checkpoint.async_save = True
     return config

@@ -42,10 +42,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = base_config()
     config.preset = preset
     if preset == "smollm2_long":
-        config.train.steps = 2400
-        config.data.num_samples = 2048
-        config.train.eval_every = 400
-        config.checkpoint.save_every = 400
+        config.train.steps = 600
+        config.data.num_samples = 1536
+        config.train.eval_every = 100
+        config.checkpoint.save_every = 100
     elif preset == "tiny":
         config.teacher = "tiny_random"
         config.train.trainable = "full"

@@ -154,8 +154,12 @@ class Preempted:
         signal.signal(signal.SIGTERM, self.previous)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-    """Self-distils a SpeLLM into `workdir`; resumes from its latest checkpoint if there is one."""
+def run(config: ml_collections.ConfigDict, workdir: str | Path, stop_after: int | None = None
+        ) -> dict[str, Any]:
+    """Self-distils a SpeLLM into `workdir`; resumes from its latest checkpoint if there is one.
+
+    `stop_after` ends the run (with a checkpoint) after that step, as a kill would.
+    """
     if config.distributed:
         jax.distributed.initialize()
     validate(config, jax.device_count(), jax.process_count())
@@ -206,7 +210,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     step, tokens_per_step = start_step, config.train.batch_size * config.train.seq_len
     last_time, summary = time.time(), {}
     try:
-        while step < config.train.steps and not preempted.requested:
+        last_step = config.train.steps if stop_after is None else min(stop_after,
+                                                                       config.train.steps)
+        while step < last_step and not preempted.requested:
             local = iterator.next()
             batch = {name: jax.make_array_from_process_local_data(batch_sharding, value)
                      for name, value in local.items()}
@@ -224,19 +230,23 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
                 last_time = now
                 writer.write(step, summary)
                 progress(step, summary)
-            if step % config.train.eval_every == 0 or step == config.train.steps:
+            if step % config.train.eval_every == 0 or step == last_step:
                 evaluation = _evaluate(graphdef, state["params"], rest, eval_set)
                 writer.write(step, {f"heldout/{k}": v for k, v in evaluation.items()})
                 summary |= evaluation
             checkpoints.save(step, state, iterator.get_state(), metadata,
-                             force=step == config.train.steps or preempted.requested)
+                             force=step == last_step or preempted.requested)
     finally:
         checkpoints.wait()
         checkpoints.close()
         writer.close()
         preempted.restore()
-    evaluation = _evaluate(graphdef, state["params"], rest, eval_set)
     path = workdir / "checkpoints" / str(step)
+    if preempted.requested:
+        print(f"\nstopped by SIGTERM; checkpoint: {path}", file=sys.stderr)
+        return {"checkpoint": str(path), "step": step, **summary}
+    evaluation = {k: summary[k] for k in ("free_agreement", "vocab_agreement", "positions")
+                  if k in summary} or _evaluate(graphdef, state["params"], rest, eval_set)
     print(f"\ncheckpoint: {path}\nheld-out agreement with the teacher's greedy continuations: "
           f"free {evaluation['free_agreement']:.1%}, vocabulary-constrained "
           f"{evaluation['vocab_agreement']:.1%} ({evaluation['positions']} positions)")

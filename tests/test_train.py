@@ -1,0 +1,120 @@
+"""Configs, resumable training runs, checkpoints across meshes, preemption, bad configs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import llama as llama_configs
+from spellm_jax import sharding, trainer
+from spellm_jax.checkpointing import TrainCheckpoints
+from spellm_jax.errors import ConfigError
+from tests.test_distill import tiny_config
+
+
+def read_metrics(workdir):
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return {(r["step"], k): v for r in map(json.loads, lines) for k, v in r.items() if k != "step"}
+
+
+@pytest.mark.parametrize("preset", llama_configs.PRESETS)
+def test_every_preset_loads_and_validates(preset):
+    config = llama_configs.get_config(preset)
+    devices = {"llama3_8b": 8, "qwen2_7b": 8}.get(preset, 1)
+    trainer.validate(config, devices)
+    trainer.validate(config, 8)
+    with pytest.raises(AttributeError):  # configs are locked: a typo is not a new field
+        config.train.stepz = 3
+
+
+def test_bad_configs_fail_before_any_compute():
+    with pytest.raises(ConfigError, match="needs 6 devices"):
+        trainer.validate(tiny_config(**{"mesh.shape": (2, 3, 1)}), 8)
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        trainer.validate(tiny_config(**{"train.batch_size": 12}), 8)
+    with pytest.raises(ConfigError, match="scan_layers=False"):
+        trainer.validate(tiny_config(**{"train.trainable": "top_layers",
+                                        "model.scan_layers": True}), 1)
+    command = [sys.executable, "-m", "spellm_jax.train", "--config=configs/llama.py:tiny",
+               "--workdir=/nonexistent/never"]
+    unknown = subprocess.run([*command, "--config.train.stepz=3"], capture_output=True, text=True)
+    assert unknown.returncode != 0 and "stepz" in unknown.stderr
+    no_fit = subprocess.run([*command, "--config.mesh.shape=(3,1,1)"], capture_output=True,
+                            text=True)
+    assert no_fit.returncode == 2 and "mesh" in no_fit.stderr
+    assert not os.path.exists("/nonexistent/never")
+
+
+def test_resumed_run_equals_uninterrupted_run_bitwise(tmp_path):
+    config = tiny_config(**{"train.steps": 6, "train.log_every": 1, "train.eval_every": 100})
+    whole = trainer.run(config, tmp_path / "whole")
+    trainer.run(config, tmp_path / "resumed", stop_after=3)
+    resumed = trainer.run(config, tmp_path / "resumed")
+    assert whole["step"] == resumed["step"] == 6
+    losses_whole, losses_resumed = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "resumed")
+    assert [losses_whole[(s, "loss")] for s in range(1, 7)] == [
+        losses_resumed[(s, "loss")] for s in range(1, 7)]
+    assert losses_whole[(6, "loss")] < losses_whole[(1, "loss")]  # the tiny preset learns
+
+    def params(workdir):
+        checkpoints = TrainCheckpoints(workdir, keep=3, save_every=1)
+        flat = checkpoints.manager.restore(6)["state"]
+        checkpoints.close()
+        return {k: np.asarray(v) for k, v in flat.items()}
+
+    a, b = params(tmp_path / "whole"), params(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+
+
+def test_checkpoint_restores_onto_another_mesh(tmp_path):
+    config = tiny_config(**{"train.steps": 2, "mesh.shape": (8, 1, 1), "train.eval_every": 100})
+    trainer.run(config, tmp_path)
+    teacher = trainer.load_teacher(config)
+    from spellm_jax.charset import SpellingTable
+    from spellm_jax.models.char_heads import HeadsConfig
+
+    spelling = SpellingTable.load(tmp_path / trainer.SPELLING_FILE)
+    metadata = json.loads((tmp_path / trainer.METADATA_FILE).read_text())
+    heads = HeadsConfig(**metadata["heads_config"])
+    restored = {}
+    for shape in [(8, 1, 1), (2, 2, 2)]:
+        setup = trainer.prepare(config, teacher, spelling, heads, sharding.make_mesh(shape))
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), setup.state)
+        checkpoints = TrainCheckpoints(tmp_path, keep=3, save_every=1)
+        state, data_state, _ = checkpoints.restore(2, abstract)
+        checkpoints.close()
+        assert data_state["position"] == 2
+        kernel = state["params"]["model"]["layers"][0]["mlp"]["up_proj"]["kernel"]
+        assert kernel.sharding.mesh.devices.shape == shape
+        restored[shape] = jax.tree.map(np.asarray, state["params"])
+    for a, b in zip(jax.tree.leaves(restored[(8, 1, 1)]), jax.tree.leaves(restored[(2, 2, 2)]),
+                    strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_sigterm_mid_run_leaves_a_restorable_checkpoint(tmp_path):
+    command = [sys.executable, "-m", "spellm_jax.train", "--config=configs/llama.py:tiny",
+               f"--workdir={tmp_path}", "--config.train.steps=100000",
+               "--config.train.log_every=1", "--config.checkpoint.save_every=1000"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "stopped by SIGTERM" in stderr
+    model, _, spelling = trainer.load_spellm(tmp_path)
+    latest = TrainCheckpoints(tmp_path, keep=3, save_every=1).latest_step()
+    assert latest >= 3
+    assert model.char_heads.kernel[...].shape[0] == spelling.k
