@@ -8,6 +8,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.teacher = "smollm2"  # HF dir, hub name, .gguf, converted dir, smollm2, or tiny_random
     config.seed = 0
+    config.init_from = ""  # another run's workdir or checkpoint: start from its trained params
 
     config.model = ml_collections.ConfigDict()
     config.model.dtype = "float32"  # compute dtype: float32 or bfloat16

@@ -194,13 +194,18 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, stop_after: int 
                                    config.checkpoint.async_save)
     iterator = data.BatchIterator(dataset.tokens, dataset.loss_mask, config.train.batch_size,
                                       config.seed, jax.process_index(), jax.process_count())
+    # Resume order: this workdir's latest checkpoint, else the parameters of `init_from`, else
+    # the teacher source (converted or not; random for tiny_random) as built above.
     start_step = checkpoints.latest_step() or 0
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     if start_step:
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
         state, data_state, _ = checkpoints.restore(start_step, abstract)
         iterator.set_state(data_state)
         print(f"resumed from checkpoint {start_step} in {workdir}", file=sys.stderr)
+    elif config.init_from:
+        state["params"] = _params_from(Path(config.init_from), abstract)
+        print(f"initialised the trained parameters from {config.init_from}", file=sys.stderr)
     batch_sharding, step_fn = setup.batch_sharding, setup.step_fn
     teacher_model = nnx.merge(graphdef, teacher_params, rest)
     eval_set = _eval_sequences(teacher_model, dataset, config)
@@ -303,6 +308,20 @@ def prepare(config, teacher: Pretrained, spelling: SpellingTable, heads: HeadsCo
                       out_shardings=(state_shardings, replicated),
                       donate_argnums=(0,))
     return Setup(graphdef, state, teacher_params, rest, step_fn, batch_sharding)
+
+
+def _params_from(path: Path, abstract_state: dict):
+    """Only the trained parameters of another run's checkpoint (a workdir: its latest step, or
+    `workdir/checkpoints/N`); optimizer and data state start fresh."""
+    workdir, step = (path, None) if (path / METADATA_FILE).is_file() else (path.parent.parent,
+                                                                            int(path.name))
+    checkpoints = TrainCheckpoints(workdir, keep=1, save_every=1)
+    step = checkpoints.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"config.init_from={path} holds no checkpoint.")
+    state, _, _ = checkpoints.restore(step, abstract_state)
+    checkpoints.close()
+    return state["params"]
 
 
 def _check_or_write_metadata(workdir: Path, metadata: dict) -> None:

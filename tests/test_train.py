@@ -73,6 +73,12 @@ def test_resumed_run_equals_uninterrupted_run_bitwise(tmp_path):
     for key in a:
         assert np.array_equal(a[key], b[key]), key
 
+    # Params-only initialisation from another run: the first batch scores as a trained model.
+    warm = tiny_config(**{"train.steps": 1, "train.log_every": 1, "train.eval_every": 100,
+                          "init_from": str(tmp_path / "whole")})
+    trainer.run(warm, tmp_path / "warm")
+    assert read_metrics(tmp_path / "warm")[(1, "loss")] < losses_whole[(2, "loss")]
+
 
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
     config = tiny_config(**{"train.steps": 2, "mesh.shape": (8, 1, 1), "train.eval_every": 100})
