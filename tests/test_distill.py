@@ -83,3 +83,11 @@ def test_parameters_carry_the_expected_partition_specs(tiny_teacher):
     assert params["model"]["embed_tokens"].sharding.spec == PartitionSpec("tensor", "fsdp")
     assert params["char_heads"]["kernel"].sharding.spec == PartitionSpec(None, "fsdp", None)
     assert setup.batch_sharding.spec == PartitionSpec(("data", "fsdp"), None)
+
+
+def test_bfloat16_compute_trains(tiny_teacher):
+    config = tiny_config(**{"model.dtype": "bfloat16", "train.trainable": "full"})
+    batch = random_batches(config, count=1)
+    _, state, losses = run_steps(config, tiny_teacher, (1, 1, 1), batch * 4)  # fit one batch
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert jax.tree.leaves(state["params"])[0].dtype == np.float32  # master weights stay fp32
