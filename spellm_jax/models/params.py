@@ -64,6 +64,12 @@ def stack_layers(flat: Mapping) -> dict:
     return stacked
 
 
+def _layer_key(stacked_key: str, index: int) -> str:
+    """`.../layers/x` (stacked) -> `.../layers/{index}/x` (canonical)."""
+    prefix, rest = stacked_key.split("/layers/", 1)
+    return f"{prefix}/layers/{index}/{rest}"
+
+
 def unstack_layers(flat: Mapping, stacked_keys: set[str]) -> dict:
     """Inverse of `stack_layers` for the entries named in `stacked_keys`."""
     out = {}
@@ -71,47 +77,39 @@ def unstack_layers(flat: Mapping, stacked_keys: set[str]) -> dict:
         if path not in stacked_keys:
             out[path] = value
             continue
-        prefix, rest = path.split("/layers/", 1)
         for i in range(value.shape[0]):
-            out[f"{prefix}/layers/{i}/{rest}"] = value[i]
+            out[_layer_key(path, i)] = value[i]
     return out
+
+
+def _flat_params(module: nnx.Module) -> dict[str, nnx.Variable]:
+    """The module's parameter variables under their flat keys (in the module's own layout)."""
+    return {"/".join(str(p) for p in path): variable
+            for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param))}
 
 
 def _stacked_keys(module: nnx.Module) -> set[str]:
     """Flat keys of a module's parameters that carry a leading stacked-layers axis."""
-    keys = set()
-    for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param)):
-        axes = variable.get_metadata().get("logical_axes") or ()
-        if axes and axes[0] == "layers":
-            keys.add("/".join(str(p) for p in path))
-    return keys
-
-
-def _first_layer(stacked_key: str) -> str:
-    prefix, rest = stacked_key.split("/layers/", 1)
-    return f"{prefix}/layers/0/{rest}"
+    return {key for key, variable in _flat_params(module).items()
+            if (variable.get_metadata().get("logical_axes") or (None,))[0] == "layers"}
 
 
 def model_params(module: nnx.Module, canonical: bool = True) -> dict:
     """Flat params of a module; `canonical` unstacks scanned layers into one entry per layer."""
-    flat = {"/".join(str(p) for p in path): variable.get_value()
-            for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    flat = {key: variable.get_value() for key, variable in _flat_params(module).items()}
     return unstack_layers(flat, _stacked_keys(module)) if canonical else flat
 
 
 def param_shapes(module: nnx.Module) -> dict[str, tuple[int, ...]]:
     """Canonical flat key -> shape, computed without allocating (works on abstract modules)."""
-    flat = {"/".join(str(p) for p in path): variable.get_value()
-            for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param))}
     stacked = _stacked_keys(module)
     shapes = {}
-    for key, value in flat.items():
+    for key, variable in _flat_params(module).items():
+        shape = tuple(variable.get_value().shape)
         if key in stacked:
-            prefix, rest = key.split("/layers/", 1)
-            for i in range(value.shape[0]):
-                shapes[f"{prefix}/layers/{i}/{rest}"] = tuple(value.shape[1:])
+            shapes.update({_layer_key(key, i): shape[1:] for i in range(shape[0])})
         else:
-            shapes[key] = tuple(value.shape)
+            shapes[key] = shape
     return shapes
 
 
@@ -142,12 +140,11 @@ def load_params(module: nnx.Module, flat: Mapping, source: str = "the given weig
     skip = re.compile(exclude).search if exclude else (lambda key: False)
     expected = {k: v for k, v in param_shapes(module).items() if not skip(k)}
     check_params(expected, flat, source)
-    stacked_keys = _stacked_keys(module)
-    layout = stack_layers(flat) if stacked_keys else dict(flat)
+    layout = stack_layers(flat) if _stacked_keys(module) else dict(flat)
     state = nnx.state(module, nnx.Param)
     for path, variable in nnx.to_flat_state(state):
         key = "/".join(str(p) for p in path)
-        if skip(key) or (stacked_keys and key in stacked_keys and skip(_first_layer(key))):
+        if skip(key):
             continue
         value = layout[key]
         variable.set_value(jax.numpy.asarray(value, dtype=variable.get_value().dtype))
