@@ -343,6 +343,44 @@ class SpellingTable:
             return encoded
         return self._greedy_ids(data)
 
+    def ids_for_bytes_lossy(self, data: bytes, tokenizer: Any = None) -> list[int]:
+        """Like `ids_for_bytes`, but bytes that no sequence of tokens can spell are dropped
+        (SmolLM2 has no token for 21 byte values) instead of refused."""
+        ids: list[int] = []
+        while data:
+            consumed = 1  # when no prefix can be spelled, the first byte is dropped
+            for end in range(len(data), 0, -1):
+                try:
+                    ids += self.ids_for_bytes(data[:end], tokenizer)
+                except ValueError:
+                    continue
+                consumed = end
+                break
+            data = data[consumed:]
+        return ids
+
+    @functools.cached_property
+    def _token_by_row(self) -> dict[tuple[int, ...], int]:
+        return {tuple(row): int(i) for i, row in zip(np.flatnonzero(self.canonical),
+                                                    self.table[self.canonical].tolist(), strict=True)}
+
+    def token_for_row(self, symbols: Iterable[int] | np.ndarray) -> int | None:
+        """The token whose table row is `symbols` (everything after the first PAD read as PAD),
+        or None when no token is spelled so; the host twin of `spelling_lookup.lookup`."""
+        row = np.asarray(symbols).reshape(-1).tolist()
+        if self.pad_symbol in row:
+            first = row.index(self.pad_symbol)
+            row[first:] = [self.pad_symbol] * (len(row) - first)
+        return self._token_by_row.get(tuple(row))
+
+    def ids_for_row(self, symbols: Iterable[int] | np.ndarray, tokenizer: Any = None) -> list[int]:
+        """Input ids for an emitted row of symbols: its token when it spells one, else its bytes
+        (lossily, see `ids_for_bytes_lossy`) followed by the special token that ended them."""
+        if (token := self.token_for_row(symbols)) is not None:
+            return [token]
+        text, special = self.unspell(symbols)
+        return self.ids_for_bytes_lossy(text, tokenizer) + ([] if special is None else [special])
+
     def _spells(self, ids: Sequence[int], data: bytes) -> bool:
         """Whether `ids` are non-special tokens of this table whose spellings concatenate to `data`."""
         if any(not 0 <= i < self.vocab_size or i in self._special_symbols for i in ids):

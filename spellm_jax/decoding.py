@@ -197,8 +197,7 @@ def _host_chunk(s: DecodeState, max_new_tokens: int, spelling, tokenizer, pad_id
         elif tokens[row] >= 0:
             pending.append([int(tokens[row])])
         else:
-            text, special = spelling.unspell(rows[row])
-            ids = _encode_lossy(spelling, text, tokenizer) + ([] if special is None else [special])
+            ids = spelling.ids_for_row(rows[row], tokenizer)
             if not ids:  # the symbol mask keeps PAD from coming first, so this is a bug
                 raise RuntimeError(f"row {row} emitted an empty string: {rows[row].tolist()}")
             pending.append(ids)
@@ -211,23 +210,6 @@ def _host_chunk(s: DecodeState, max_new_tokens: int, spelling, tokenizer, pad_id
             ids[row, width - len(row_ids):] = row_ids
             mask[row, width - len(row_ids):] = True
     return ids, mask
-
-
-def _encode_lossy(spelling, data: bytes, tokenizer) -> list[int]:
-    """Input ids for `data`, skipping bytes that no sequence of vocabulary tokens can spell
-    (SmolLM2 has no token for 21 byte values; the symbol mask makes such output rare)."""
-    ids: list[int] = []
-    while data:
-        consumed = 1  # when no prefix can be spelled, the first byte is dropped
-        for end in range(len(data), 0, -1):
-            try:
-                ids += spelling.ids_for_bytes(data[:end], tokenizer)
-            except ValueError:
-                continue
-            consumed = end
-            break
-        data = data[consumed:]
-    return ids
 
 
 def _grow(s: DecodeState, extra: int) -> DecodeState:
@@ -273,7 +255,10 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens
     while True:
         s = _loop(graphdef, state, s, eos, rule=rule, max_new_tokens=max_new_tokens)
         if not bool(jnp.any(s.needs_host)):
-            break
+            if not bool(jnp.any(~s.done & (s.num_tokens < max_new_tokens))):
+                break
+            s = _grow(s, max_new_tokens)  # host chunks (padded to the widest row) filled the cache
+            continue
         chunk_ids, chunk_mask = _host_chunk(s, max_new_tokens, spelling, tokenizer, pad_id)
         if int(s.slot) + chunk_ids.shape[1] + 1 > s.key_valid.shape[1]:
             s = _grow(s, max(chunk_ids.shape[1] + 1, max_new_tokens))

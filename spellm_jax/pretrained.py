@@ -52,23 +52,46 @@ def teacher_token_prior(model: LlamaForCausalLM, start_ids: list[int], num_token
     return np.asarray(jax.nn.softmax(model.lm_logits(hidden)[0], axis=-1).mean(0))
 
 
+def _spellm_on(pretrained: Pretrained, heads: HeadsConfig, options: RuntimeOptions,
+               seed: int) -> SpeLLM:
+    """A SpeLLM holding the pretrained backbone and LM head, with freshly initialised heads."""
+    model = nnx.eval_shape(lambda: SpeLLM(pretrained.config, heads, options, rngs=nnx.Rngs(0)))
+    load_params(model, pretrained.params, pretrained.source, exclude=NOT_IN_PRETRAINED)
+    model.char_heads = CharHeads(pretrained.config.hidden_size, heads, options, nnx.Rngs(seed))
+    return model
+
+
 def build_spellm(pretrained: Pretrained, spelling: SpellingTable, heads: HeadsConfig,
                  options: RuntimeOptions | None = None, seed: int = 0,
                  prior_tokens: int = 64) -> SpeLLM:
     """A SpeLLM on the pretrained backbone and LM head, heads initialised per `heads.init`;
     `lm_head_mean` weights LM-head rows by the teacher's own token prior (`prior_tokens` sampled
     tokens; 0 for uniform weights)."""
-    options = options or RuntimeOptions()
     config = pretrained.config
-    model = nnx.eval_shape(lambda: SpeLLM(config, heads, options, rngs=nnx.Rngs(0)))
-    load_params(model, pretrained.params, pretrained.source, exclude=NOT_IN_PRETRAINED)
-    model.char_heads = CharHeads(config.hidden_size, heads, options, nnx.Rngs(seed))
+    model = _spellm_on(pretrained, heads, options or RuntimeOptions(), seed)
     prior = None
     if heads.init == "lm_head_mean" and prior_tokens > 0:
         start = [config.bos_token_id if config.bos_token_id is not None else 0]
         prior = teacher_token_prior(model, start, prior_tokens, seed)
     model.attach_spelling(spelling, init_heads=True, token_prior=prior)
     return model
+
+
+def load_exported(source: str, options: RuntimeOptions | None = None
+                  ) -> tuple[SpeLLM, Any, SpellingTable]:
+    """`(model, tokenizer, spelling)` of an exported SpeLLM directory (`python -m
+    spellm_jax.export`) or of one converted back to Orbax."""
+    pretrained = load_source(source)
+    if pretrained.spellm is None:
+        raise ValueError(f"{source} holds no character heads (no spellm_config.json); it is a "
+                         "plain model: use load_pretrained or spellm_from_pretrained.")
+    parts = pretrained.spellm
+    embed = pretrained.params["model/embed_tokens"]
+    options = options or RuntimeOptions(param_dtype=jnp.dtype(embed.dtype))
+    model = _spellm_on(pretrained, HeadsConfig(**parts.config["heads"]), options, seed=0)
+    load_params(model.char_heads, parts.head_params, f"{source}'s heads")
+    model.attach_spelling(parts.spelling, init_heads=False)
+    return model, pretrained.tokenizer, parts.spelling
 
 
 def spellm_from_pretrained(source: str, *, k: int = 16, heads: HeadsConfig | None = None,

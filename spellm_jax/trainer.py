@@ -22,6 +22,7 @@ from spellm_jax import decoding, sharding
 from spellm_jax.charset import SpellingTable, choose_k
 from spellm_jax.checkpointing import TrainCheckpoints
 from spellm_jax.conversion.sources import Pretrained, load_source
+from spellm_jax.conversion.spellm_files import has_spellm_parts
 from spellm_jax.distill import DistillSpec, make_optimizer, split_model, train_step
 from spellm_jax.errors import ConfigError
 from spellm_jax.losses import LossConfig
@@ -30,7 +31,7 @@ from spellm_jax.models.char_heads import HeadsConfig
 from spellm_jax.models.config import ModelConfig
 from spellm_jax.models.llama import LlamaForCausalLM, RuntimeOptions
 from spellm_jax.models.params import model_params
-from spellm_jax.pretrained import build_spellm
+from spellm_jax.pretrained import build_spellm, load_exported
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TINY_TEACHER = "tiny_random"
@@ -313,8 +314,7 @@ def prepare(config, teacher: Pretrained, spelling: SpellingTable, heads: HeadsCo
 def _params_from(path: Path, abstract_state: dict):
     """Only the trained parameters of another run's checkpoint (a workdir: its latest step, or
     `workdir/checkpoints/N`); optimizer and data state start fresh."""
-    workdir, step = (path, None) if (path / METADATA_FILE).is_file() else (path.parent.parent,
-                                                                            int(path.name))
+    workdir, step = _checkpoint_location(path)
     checkpoints = TrainCheckpoints(workdir, keep=1, save_every=1)
     step = checkpoints.latest_step() if step is None else step
     if step is None:
@@ -383,18 +383,31 @@ def _progress(start: int, total: int):
     return update
 
 
-def load_spellm(path: str | Path) -> tuple[Any, Any, SpellingTable]:
-    """`(model, tokenizer, spelling)` of a trained SpeLLM: a workdir (its latest checkpoint) or
-    one `workdir/checkpoints/N` directory. The teacher is rebuilt from its recorded source."""
-    path = Path(path)
+def _checkpoint_location(path: Path) -> tuple[Path, int | None]:
+    """`(workdir, step or None for the latest)` of a workdir or a `workdir/checkpoints/N` dir."""
     if (path / METADATA_FILE).is_file():
-        workdir, step = path, None
-    elif path.parent.name == "checkpoints" and (path.parent.parent / METADATA_FILE).is_file():
-        workdir, step = path.parent.parent, int(path.name)
-    else:
-        raise FileNotFoundError(f"{path} is neither a training workdir (with {METADATA_FILE}) nor "
-                                "a checkpoint directory inside one.")
-    metadata = json.loads((workdir / METADATA_FILE).read_text())
+        return path, None
+    if path.parent.name == "checkpoints" and (path.parent.parent / METADATA_FILE).is_file():
+        return path.parent.parent, int(path.name)
+    raise FileNotFoundError(f"{path} is not a training workdir (with {METADATA_FILE}), a "
+                            "checkpoint directory inside one, or an exported SpeLLM directory.")
+
+
+def run_metadata(path: str | Path) -> dict[str, Any]:
+    """The `spellm.json` of the run that `path` (a workdir or one of its checkpoints) belongs to."""
+    workdir, _ = _checkpoint_location(Path(path))
+    return json.loads((workdir / METADATA_FILE).read_text())
+
+
+def load_spellm(path: str | Path) -> tuple[Any, Any, SpellingTable]:
+    """`(model, tokenizer, spelling)` of a trained SpeLLM: a workdir (its latest checkpoint), one
+    `workdir/checkpoints/N` directory, or an exported directory. A training checkpoint holds no
+    teacher weights: the frozen parts are rebuilt from its recorded source."""
+    path = Path(path)
+    if has_spellm_parts(path):
+        return load_exported(str(path))
+    workdir, step = _checkpoint_location(path)
+    metadata = run_metadata(workdir)
     config = ml_collections.ConfigDict(metadata["config"])
     spelling = SpellingTable.load(workdir / SPELLING_FILE)
     spelling.check_hash(metadata["spelling_table_hash"], str(workdir / METADATA_FILE))

@@ -53,16 +53,21 @@ def _weight_files(path: Path) -> list[Path]:
     raise ConversionError(f"{path} holds no weights: expected one of {', '.join(_WEIGHT_FILES)}.")
 
 
-def read_hf_tensors(path: Path) -> dict[str, np.ndarray]:
-    """Every tensor of an HF directory as numpy, in its stored dtype."""
+def read_safetensors(file: Path) -> dict[str, np.ndarray]:
+    """Every tensor of one safetensors file as numpy, in its stored dtype (bf16 bit-exact)."""
     from safetensors import safe_open
 
+    with safe_open(str(file), framework="pt") as handle:
+        return {name: _torch_to_numpy(handle.get_tensor(name))
+                for name in handle.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+
+
+def read_hf_tensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of an HF directory as numpy, in its stored dtype."""
     tensors: dict[str, np.ndarray] = {}
     for file in _weight_files(path):
         if file.suffix == ".safetensors":
-            with safe_open(str(file), framework="pt") as handle:
-                for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    tensors[name] = _torch_to_numpy(handle.get_tensor(name))
+            tensors.update(read_safetensors(file))
         else:
             import torch
 
@@ -71,20 +76,25 @@ def read_hf_tensors(path: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def write_hf_dir(path: Path, hf_config: dict[str, Any], hf_state: dict[str, np.ndarray]) -> None:
-    """Writes `config.json` + `model.safetensors` that transformers loads with no custom code."""
+def write_safetensors(file: Path, tensors: dict[str, np.ndarray]) -> None:
+    """Writes numpy tensors (bf16 bit-exact) as a safetensors file that PyTorch reads."""
     import torch
     from safetensors.torch import save_file
 
+    converted = {}
+    for name, value in tensors.items():
+        array = np.array(value, order="C")  # a writable copy: torch refuses read-only memory
+        if array.dtype == ml_dtypes.bfloat16:
+            converted[name] = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+        else:
+            converted[name] = torch.from_numpy(array)
+    save_file(converted, str(file), metadata={"format": "pt"})
+
+
+def write_hf_dir(path: Path, hf_config: dict[str, Any], hf_state: dict[str, np.ndarray]) -> None:
+    """Writes `config.json` + `model.safetensors` that transformers loads with no custom code."""
     path.mkdir(parents=True, exist_ok=True)
     if hf_config.get("tie_word_embeddings"):
         hf_state = {k: v for k, v in hf_state.items() if k != TIED_LM_HEAD}
-    tensors = {}
-    for name, value in hf_state.items():
-        array = np.array(value, order="C")  # a writable copy: torch refuses read-only memory
-        if array.dtype == ml_dtypes.bfloat16:
-            tensors[name] = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-        else:
-            tensors[name] = torch.from_numpy(array)
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(path / "model.safetensors", hf_state)
     (path / "config.json").write_text(json.dumps(hf_config, indent=2))

@@ -19,8 +19,9 @@ from spellm_jax.checkpointing import (
     restore_params,
     save_params,
 )
-from spellm_jax.conversion import gguf_file, hf_dir, mapping
+from spellm_jax.conversion import gguf_file, hf_dir, mapping, spellm_files
 from spellm_jax.conversion.errors import ConversionError
+from spellm_jax.conversion.spellm_files import SpellmParts
 from spellm_jax.models.config import ModelConfig
 
 BUNDLED_SOURCES = {"smollm2": assets.SMOLLM2}
@@ -33,12 +34,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 @dataclasses.dataclass
 class Pretrained:
     """A pretrained model in our terms: config, canonical flat params, tokenizer (None when the
-    source ships none)."""
+    source ships none), and the character heads when the source is an exported SpeLLM."""
 
     config: ModelConfig
     params: dict[str, Any]
     tokenizer: Any
     source: str
+    spellm: SpellmParts | None = None
+
+
+def _spellm_parts_in(path: Path) -> SpellmParts | None:
+    return spellm_files.read_spellm_parts(path) if spellm_files.has_spellm_parts(path) else None
 
 
 def is_converted_dir(path: Path) -> bool:
@@ -61,7 +67,7 @@ def _tokenizer_in(path: Path):
 def _read_hf(path: Path, source: str) -> Pretrained:
     config = ModelConfig.from_hf(hf_dir.read_hf_config(path))
     params = mapping.from_hf(config, hf_dir.read_hf_tensors(path), source=str(path))
-    return Pretrained(config, params, _tokenizer_in(path), source)
+    return Pretrained(config, params, _tokenizer_in(path), source, _spellm_parts_in(path))
 
 
 def _read_gguf(path: Path, source: str) -> Pretrained:
@@ -121,6 +127,9 @@ def write_converted(pretrained: Pretrained, out: Path, overwrite: bool = False) 
     pretrained.config.save(staging / MODEL_CONFIG_FILE)
     if pretrained.tokenizer is not None:
         pretrained.tokenizer.save_pretrained(str(staging))
+    if pretrained.spellm is not None:
+        save_params(staging / spellm_files.HEADS_ORBAX_DIR, pretrained.spellm.tensors)
+        spellm_files.write_description(staging, pretrained.spellm)
     (staging / CONVERTED_MARKER).write_text(json.dumps(
         {"source": pretrained.source, "layout": "canonical", "format_version": 1}, indent=2))
     commit_output_dir(staging, out)
@@ -131,7 +140,7 @@ def read_converted(path: Path) -> Pretrained:
     meta = json.loads((path / CONVERTED_MARKER).read_text())
     config = ModelConfig.load(path / MODEL_CONFIG_FILE)
     params = {k: np.asarray(v) for k, v in restore_params(path / PARAMS_DIR).items()}
-    return Pretrained(config, params, _tokenizer_in(path), meta["source"])
+    return Pretrained(config, params, _tokenizer_in(path), meta["source"], _spellm_parts_in(path))
 
 
 def converted_path(source: str) -> Path:

@@ -102,9 +102,10 @@ class CharHeads(nnx.Module):
 
     def set_spelling(self, table: np.ndarray, valid: np.ndarray,
                      unembedding: np.ndarray | None = None,
-                     token_prior: np.ndarray | None = None) -> None:
+                     token_prior: np.ndarray | None = None, initialise: bool = True) -> None:
         """Masks symbols that no valid token of `table` `[V, k]` has at a position (so PAD never
-        comes first) and, for `lm_head_mean`, initialises head i from the unembedding `[V, d]`.
+        comes first) and, if `initialise` and for `lm_head_mean`, initialises head i from the
+        unembedding `[V, d]`.
 
         With token weights w (the `token_prior`, else uniform) and S the valid tokens whose i-th
         symbol is c: `W_i[:, c]` = the w-weighted mean of `u_v` over S and `b_i[c] = log Σ_S w_v`,
@@ -117,7 +118,7 @@ class CharHeads(nnx.Module):
                          for i in range(k)])  # [k, C]
         present = np.stack([np.bincount(binned[:, i], minlength=c + 1)[:c] for i in range(k)]) > 0
         self.symbol_mask[...] = jnp.asarray(np.where(present, 0.0, MASKED_LOGIT), jnp.float32)
-        if self.config.init != "lm_head_mean":
+        if not initialise or self.config.init != "lm_head_mean":
             return
         if unembedding is None:
             raise ValueError("init='lm_head_mean' needs the LM head's unembedding matrix.")

@@ -68,7 +68,8 @@ class SpeLLM(LlamaForCausalLM):
         self.lookup_hashes.set_value(jnp.asarray(hashes))
         self.lookup_ids.set_value(jnp.asarray(ids))
         unembedding = np.asarray(self.unembedding()) if init_heads else None
-        self.char_heads.set_spelling(table, np.asarray(spelling.valid), unembedding, token_prior)
+        self.char_heads.set_spelling(table, np.asarray(spelling.valid), unembedding, token_prior,
+                                     initialise=init_heads)
 
     def char_logits(self, hidden: jax.Array) -> jax.Array:
         return self.char_heads(hidden)

@@ -1,0 +1,97 @@
+"""Export a trained SpeLLM for PyTorch.
+
+    python -m spellm_jax.export --checkpoint=WORKDIR --out=DIR [--overwrite]
+
+DIR gets the backbone with its original LM head as `model.safetensors` + `config.json`
+(`transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads it with no custom code; LoRA
+factors are folded into their kernels), the character heads (`spellm_heads.safetensors`,
+`spellm_config.json`, `spelling_table.json`) and the tokenizer. `spellm_jax.torch_spellm`
+generates from DIR with torch + transformers only; `python -m spellm_jax.convert --source=DIR
+--out=OUT` brings it back to Orbax, bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from absl import flags
+
+from spellm_jax import cli
+
+FLAGS = flags.FLAGS
+HEADS_PREFIX = "char_heads/"
+
+
+def fold_lora(flat: dict[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
+    """Canonical flat params with every `lora_a`/`lora_b` pair folded into its kernel:
+    `W + scale * A @ B`, computed in fp32 and stored in the kernel's dtype."""
+    folded = dict(flat)
+    for key in [k for k in flat if k.endswith("/lora_a")]:
+        base = key.removesuffix("lora_a")
+        low_rank = folded.pop(key).astype(np.float32) @ folded.pop(base + "lora_b").astype(np.float32)
+        kernel = folded[base + "kernel"]
+        folded[base + "kernel"] = (kernel.astype(np.float32) + scale * low_rank).astype(kernel.dtype)
+    return folded
+
+
+def split_spellm_params(model) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """`(backbone with LM head, heads)` as canonical flat numpy dicts; LoRA folded in."""
+    from spellm_jax.models.params import model_params
+
+    flat = {k: np.asarray(v) for k, v in model_params(model).items()}
+    heads = {k.removeprefix(HEADS_PREFIX): v for k, v in flat.items() if k.startswith(HEADS_PREFIX)}
+    backbone = {k: v for k, v in flat.items() if not k.startswith(HEADS_PREFIX)}
+    return fold_lora(backbone, model.options.lora_alpha / max(model.options.lora_rank, 1)), heads
+
+
+def export_spellm(model, tokenizer, spelling, out: str | Path, *, base_model: str,
+                  overwrite: bool = False, **description: Any) -> Path:
+    """Writes the exported directory (see the module docstring); `description` entries go into
+    `spellm_config.json`. A non-empty `out` is replaced only with `overwrite`, and only once the
+    new directory is complete."""
+    from spellm_jax.checkpointing import commit_output_dir, prepare_output_dir
+    from spellm_jax.conversion import hf_dir, mapping, spellm_files
+
+    out = Path(out)
+    staging = prepare_output_dir(out, overwrite)
+    backbone, heads = split_spellm_params(model)
+    hf_config = model.config.to_hf()
+    hf_config["torch_dtype"] = str(backbone["model/embed_tokens"].dtype)
+    hf_dir.write_hf_dir(staging, hf_config, mapping.to_hf(model.config, backbone))
+    tensors = heads | {spellm_files.SYMBOL_MASK: np.asarray(model.char_heads.symbol_mask[...])}
+    config = spellm_files.spellm_config(spelling, dataclasses.asdict(model.heads_config),
+                                        base_model, **description)
+    spellm_files.write_exported(staging, spellm_files.SpellmParts(tensors, config, spelling))
+    tokenizer.save_pretrained(str(staging))
+    commit_output_dir(staging, out)
+    return out
+
+
+flags.DEFINE_string("checkpoint", None, "A training workdir (its latest checkpoint) or "
+                    "WORKDIR/checkpoints/N.", required=True)
+flags.DEFINE_string("out", None, "Output directory (must be empty unless --overwrite).",
+                    required=True)
+flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from spellm_jax.checkpointing import prepare_output_dir
+    from spellm_jax.trainer import load_spellm, run_metadata
+
+    out = Path(FLAGS.out)
+    prepare_output_dir(out, FLAGS.overwrite).rmdir()  # refuse early, before any loading
+    metadata = run_metadata(FLAGS.checkpoint)
+    model, tokenizer, spelling = load_spellm(FLAGS.checkpoint)
+    export_spellm(model, tokenizer, spelling, out, base_model=metadata["teacher_source"],
+                  overwrite=FLAGS.overwrite, trained_with=metadata["config"]["train"]["trainable"],
+                  checkpoint=str(Path(FLAGS.checkpoint).resolve()))
+    print(f"exported {FLAGS.checkpoint} to {out}; load it in PyTorch with "
+          f"spellm_jax.torch_spellm.TorchSpeLLM.from_pretrained({str(out)!r})")
+
+
+if __name__ == "__main__":
+    cli.run(main)

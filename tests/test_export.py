@@ -1,0 +1,127 @@
+"""Export to PyTorch: transformers loads the backbone, the PyTorch module decodes exactly as JAX
+does, and the exported directory converts back to Orbax bit for bit."""
+
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from spellm_jax import decoding, trainer
+from spellm_jax.conversion import spellm_files
+from spellm_jax.conversion.sources import read_converted, read_source, write_converted
+from spellm_jax.export import export_spellm, fold_lora, split_spellm_params
+from spellm_jax.torch_spellm import TorchSpeLLM
+from tests.test_distill import tiny_config
+
+PROMPTS = ["The quick brown fox", "To be, or not to be, that is the question:"]
+VARIANTS = {  # trained briefly so that every tensor differs from its initial value
+    "full": {},
+    "lora_shared_adapter": {"train.trainable": "lora", "heads.adapter": "shared",
+                            "train.learning_rate": 3e-2},
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def exported(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    config = tiny_config(**{"train.steps": 4, "train.eval_every": 100, **VARIANTS[request.param]})
+    trainer.run(config, root / "run")
+    model, tokenizer, spelling = trainer.load_spellm(root / "run")
+    out = export_spellm(model, tokenizer, spelling, root / "exported", base_model=config.teacher)
+    return model, tokenizer, spelling, out
+
+
+def test_transformers_loads_the_backbone_with_exactly_its_keys(exported):
+    from transformers import AutoModelForCausalLM
+
+    model, _, _, out = exported
+    lm, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
+        stored = set(handle.keys())
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    assert stored == set(lm.state_dict()) - tied
+    assert not any(k.endswith(("lora_a", "lora_b")) for k in stored)
+
+
+def test_pytorch_module_matches_jax_logits_and_greedy_decoding(exported):
+    model, tokenizer, spelling, out = exported
+    spellm = TorchSpeLLM.from_pretrained(out)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    ids = prompts[1]
+    hidden, _ = model.model(jnp.asarray([ids]))
+    with torch.no_grad():
+        torch_hidden = spellm.lm.model(input_ids=torch.tensor([ids])).last_hidden_state
+        torch_lm = spellm.lm.lm_head(torch_hidden).numpy()
+        torch_chars = spellm.char_logits(torch_hidden).numpy()
+    assert np.abs(torch_lm - np.asarray(model.lm_logits(hidden))).max() <= 1e-5
+    jax_chars = np.asarray(model.char_logits(hidden))
+    unmasked = jax_chars > -1e8
+    np.testing.assert_array_equal(unmasked, torch_chars > -1e8)
+    assert np.abs(torch_chars - jax_chars)[unmasked].max() <= 1e-5
+    eos = list(model.config.eos_token_ids)
+    for mode, rule in (("free", decoding.FreeRule()), ("vocab", decoding.VocabRule()),
+                       ("lm_head", decoding.LMHeadRule())):
+        expected = decoding.generate(model, prompts, 32, rule, eos_ids=eos, spelling=spelling,
+                                     tokenizer=tokenizer)
+        assert spellm.generate(prompts, 32, mode=mode) == expected, mode
+
+
+def test_exported_dir_converts_back_bit_for_bit(exported, tmp_path):
+    model, _, _, out = exported
+    backbone, heads = split_spellm_params(model)
+    write_converted(read_source(str(out)), tmp_path / "converted")
+    converted = read_converted(tmp_path / "converted")
+    assert converted.params.keys() == backbone.keys()
+    for key, value in backbone.items():
+        np.testing.assert_array_equal(converted.params[key], value, err_msg=key, strict=True)
+    assert converted.spellm.head_params.keys() == heads.keys()
+    for key, value in heads.items():
+        np.testing.assert_array_equal(converted.spellm.head_params[key], value, strict=True)
+    reloaded, _, _ = trainer.load_spellm(tmp_path / "converted")
+    again_backbone, again_heads = split_spellm_params(reloaded)
+    for ours, theirs in ((backbone, again_backbone), (heads, again_heads)):
+        for key, value in ours.items():
+            np.testing.assert_array_equal(theirs[key], value, strict=True)
+
+
+def test_fold_lora_equals_the_low_rank_forward():
+    rng = np.random.default_rng(0)
+    kernel, a, b = rng.normal(size=(6, 5)), rng.normal(size=(6, 2)), rng.normal(size=(2, 5))
+    flat = {"x/kernel": kernel.astype(np.float32), "x/lora_a": a.astype(np.float32),
+            "x/lora_b": b.astype(np.float32), "y": np.ones(3, np.float32)}
+    folded = fold_lora(flat, scale=0.5)
+    assert folded.keys() == {"x/kernel", "y"}
+    inputs = rng.normal(size=(4, 6)).astype(np.float32)
+    np.testing.assert_allclose(inputs @ folded["x/kernel"],
+                               inputs @ kernel + 0.5 * (inputs @ a) @ b, rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_a_non_empty_out_and_keeps_it(tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = subprocess.run([sys.executable, "-m", "spellm_jax.export", "--checkpoint=/nowhere",
+                             f"--out={out}"], capture_output=True, text=True)
+    assert result.returncode != 0 and "--overwrite" in result.stderr
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_pytorch_module_imports_no_jax():
+    code = ("import sys, spellm_jax.torch_spellm; "
+            "sys.exit(1 if any(m.split('.')[0] in ('jax', 'flax') for m in sys.modules) else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_symbol_mask_is_exported_as_the_heads_use_it(exported):
+    model, _, _, out = exported
+    parts = spellm_files.read_spellm_parts(out)
+    np.testing.assert_array_equal(parts.tensors[spellm_files.SYMBOL_MASK],
+                                  np.asarray(model.char_heads.symbol_mask[...]))
+    assert parts.config["spelling_table_hash"] == parts.spelling.content_hash
+    assert parts.config["k"] == model.heads_config.k
