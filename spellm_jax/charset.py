@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -472,8 +471,8 @@ class SpellingTable:
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
         """Write the table as JSON (with its hash). An existing file holding another table is kept
-        unless `overwrite`."""
-        path = Path(path)
+        unless `overwrite`. `path` may be any pathlib-like object (e.g. an `epath.Path` on gs://)."""
+        path = _as_path(path)
         if path.exists() and not overwrite:
             try:
                 same = SpellingTable.load(path).content_hash == self.content_hash
@@ -483,16 +482,15 @@ class SpellingTable:
                 return
             raise FileExistsError(f"{path} already holds a different spelling table (or another file); "
                                   "pass overwrite=True or choose another path.")
-        text = json.dumps(self._contents() | {"content_hash": self.content_hash})
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-            handle.write(text)
-        os.replace(handle.name, path)
+        staging = path.with_name(path.name + ".tmp")
+        staging.write_text(json.dumps(self._contents() | {"content_hash": self.content_hash}))
+        staging.replace(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SpellingTable:
         """Read a table written by `save`, verifying its recorded hash."""
-        contents = json.loads(Path(path).read_text())
+        contents = json.loads(_as_path(path).read_text())
         recorded = contents.pop("content_hash", None)
         if contents.get("format") != FILE_FORMAT:
             raise ValueError(f"{path} is not a spelling table file of format {FILE_FORMAT}.")
@@ -504,6 +502,11 @@ class SpellingTable:
                    spellings=tuple(bytes.fromhex(s) for s in contents["spellings"]),
                    special_ids=tuple(contents["special_ids"]),
                    byte_fallback_ids=tuple(contents["byte_fallback_ids"]))
+
+
+def _as_path(path: str | os.PathLike) -> Any:
+    """Path objects pass through (pathlib or `epath`); strings become local paths."""
+    return Path(path) if isinstance(path, str) else path
 
 
 def _tokenizer_ids(tokenizer: Any, data: bytes) -> list[int]:

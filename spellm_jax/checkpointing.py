@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from spellm_jax.models.params import flatten, unflatten
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """A local or cloud (`gs://`) path for run directories; local paths are made absolute, as
+    Orbax needs. Cloud paths need `gcsfs` (installed on TPU VMs by `launch/run_on_tpu.sh`)."""
+    text = os.fspath(path)
+    if text.startswith("gs://") and importlib.util.find_spec("gcsfs") is None:
+        raise FileNotFoundError(f"{text}: gs:// paths need gcsfs; `pip install gcsfs "
+                                "google-cloud-storage` (launch/run_on_tpu.sh does on TPU VMs).")
+    return epath.Path(text if "://" in text else os.path.abspath(os.path.expanduser(text)))
 
 
 def save_params(path: Path, flat_params: Mapping[str, jax.Array]) -> None:
@@ -69,13 +82,13 @@ class TrainCheckpoints:
     """Orbax CheckpointManager over `workdir/checkpoints`: train state (as a flat dict of paths we
     own), data-iterator state and metadata JSON per step. `checkpoint N` = state after N updates."""
 
-    def __init__(self, workdir: Path, keep: int, save_every: int, async_save: bool = True):
+    def __init__(self, workdir: str | os.PathLike, keep: int, save_every: int, async_save: bool = True):
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=save_every,
             enable_async_checkpointing=async_save, create=True)
         handlers = {"state": ocp.StandardCheckpointHandler(),
                     "data": ocp.JsonCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
-        self.manager = ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints",
+        self.manager = ocp.CheckpointManager(as_path(workdir) / "checkpoints",
                                              options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:

@@ -15,12 +15,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from spellm_jax import decoding, sharding
 from spellm_jax.charset import SpellingTable, choose_k
-from spellm_jax.checkpointing import TrainCheckpoints
+from spellm_jax.checkpointing import TrainCheckpoints, as_path
 from spellm_jax.conversion.sources import Pretrained, load_source
 from spellm_jax.conversion.spellm_files import has_spellm_parts
 from spellm_jax.distill import DistillSpec, make_optimizer, split_model, train_step
@@ -106,28 +107,29 @@ def _place(tree, mesh):
 
 
 class MetricsWriter:
-    """metrics.jsonl plus TensorBoard event files in the workdir (process 0 only)."""
+    """metrics.jsonl plus TensorBoard event files in the workdir (process 0 only). Object stores
+    cannot append, so the JSONL file is rewritten whole at each write."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: epath.Path):
         from tensorboardX import SummaryWriter
 
         self.enabled = jax.process_index() == 0
         if self.enabled:
-            self.jsonl = (workdir / "metrics.jsonl").open("a")
+            self.jsonl = workdir / "metrics.jsonl"
+            self.lines = self.jsonl.read_text().splitlines(True) if self.jsonl.exists() else []
             self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.jsonl.flush()
+        self.lines.append(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.write_text("".join(self.lines))
         for name, value in metrics.items():
             self.tensorboard.add_scalar(name, value, step)
         self.tensorboard.flush()
 
     def close(self) -> None:
         if self.enabled:
-            self.jsonl.close()
             self.tensorboard.close()
 
 
@@ -164,7 +166,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, stop_after: int 
     if config.distributed:
         jax.distributed.initialize()
     validate(config, jax.device_count(), jax.process_count())
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh.shape)
     from spellm_jax import data
@@ -177,7 +179,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, stop_after: int 
         np.bincount(dataset.tokens.ravel(), minlength=teacher.config.vocab_size),
         config.heads.coverage_target)
     spelling = SpellingTable.from_tokenizer(tokenizer, k, vocab_size=teacher.config.vocab_size)
-    spelling.save(workdir / SPELLING_FILE)
+    if jax.process_index() == 0:
+        spelling.save(workdir / SPELLING_FILE)
     heads = HeadsConfig(k=k, num_symbols=spelling.num_symbols, use_bias=config.heads.use_bias,
                         adapter=config.heads.adapter, init=config.heads.init)
     metadata = {"config": json.loads(config.to_json_best_effort()),
@@ -205,7 +208,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, stop_after: int 
         iterator.set_state(data_state)
         print(f"resumed from checkpoint {start_step} in {workdir}", file=sys.stderr)
     elif config.init_from:
-        state["params"] = _params_from(Path(config.init_from), abstract)
+        state["params"] = _params_from(as_path(config.init_from), abstract)
         print(f"initialised the trained parameters from {config.init_from}", file=sys.stderr)
     batch_sharding, step_fn = setup.batch_sharding, setup.step_fn
     teacher_model = nnx.merge(graphdef, teacher_params, rest)
@@ -311,7 +314,7 @@ def prepare(config, teacher: Pretrained, spelling: SpellingTable, heads: HeadsCo
     return Setup(graphdef, state, teacher_params, rest, step_fn, batch_sharding)
 
 
-def _params_from(path: Path, abstract_state: dict):
+def _params_from(path: epath.Path, abstract_state: dict):
     """Only the trained parameters of another run's checkpoint (a workdir: its latest step, or
     `workdir/checkpoints/N`); optimizer and data state start fresh."""
     workdir, step = _checkpoint_location(path)
@@ -324,8 +327,9 @@ def _params_from(path: Path, abstract_state: dict):
     return state["params"]
 
 
-def _check_or_write_metadata(workdir: Path, metadata: dict) -> None:
-    """Writes `spellm.json`; a workdir from another teacher or spelling table is refused."""
+def _check_or_write_metadata(workdir: epath.Path, metadata: dict) -> None:
+    """Writes `spellm.json` (process 0); a workdir from another teacher or spelling table is
+    refused."""
     path = workdir / METADATA_FILE
     if path.exists():
         old = json.loads(path.read_text())
@@ -334,7 +338,8 @@ def _check_or_write_metadata(workdir: Path, metadata: dict) -> None:
                 raise ConfigError(
                     f"{workdir} holds a run with {key}={old.get(key)!r}, but this config gives "
                     f"{metadata[key]!r}; use a fresh --workdir (nothing was overwritten).")
-    path.write_text(json.dumps(metadata, indent=2))
+    if jax.process_index() == 0:
+        path.write_text(json.dumps(metadata, indent=2))
 
 
 def _init_lora(model, seed: int) -> None:
@@ -383,7 +388,7 @@ def _progress(start: int, total: int):
     return update
 
 
-def _checkpoint_location(path: Path) -> tuple[Path, int | None]:
+def _checkpoint_location(path: epath.Path) -> tuple[epath.Path, int | None]:
     """`(workdir, step or None for the latest)` of a workdir or a `workdir/checkpoints/N` dir."""
     if (path / METADATA_FILE).is_file():
         return path, None
@@ -395,7 +400,7 @@ def _checkpoint_location(path: Path) -> tuple[Path, int | None]:
 
 def run_metadata(path: str | Path) -> dict[str, Any]:
     """The `spellm.json` of the run that `path` (a workdir or one of its checkpoints) belongs to."""
-    workdir, _ = _checkpoint_location(Path(path))
+    workdir, _ = _checkpoint_location(as_path(path))
     return json.loads((workdir / METADATA_FILE).read_text())
 
 
@@ -403,7 +408,7 @@ def load_spellm(path: str | Path) -> tuple[Any, Any, SpellingTable]:
     """`(model, tokenizer, spelling)` of a trained SpeLLM: a workdir (its latest checkpoint), one
     `workdir/checkpoints/N` directory, or an exported directory. A training checkpoint holds no
     teacher weights: the frozen parts are rebuilt from its recorded source."""
-    path = Path(path)
+    path = as_path(path)
     if has_spellm_parts(path):
         return load_exported(str(path))
     workdir, step = _checkpoint_location(path)

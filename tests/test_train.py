@@ -1,5 +1,6 @@
 """Configs, resumable training runs, checkpoints across meshes, preemption, bad configs."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -124,3 +125,54 @@ def test_sigterm_mid_run_leaves_a_restorable_checkpoint(tmp_path):
     latest = TrainCheckpoints(tmp_path, keep=3, save_every=1).latest_step()
     assert latest >= 3
     assert model.char_heads.kernel[...].shape[0] == spelling.k
+
+
+def test_run_files_work_on_a_gs_workdir(monkeypatch):
+    """Object stores cannot append or rename in place: the spelling table, the run metadata and
+    metrics.jsonl go through epath, here on fsspec's in-memory filesystem standing in for gcsfs."""
+    from etils import epath
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from spellm_jax.charset import SpellingTable
+    from spellm_jax.checkpointing import as_path
+
+    if importlib.util.find_spec("gcsfs") is None:  # as on this CPU machine: a clear refusal
+        with pytest.raises(FileNotFoundError, match="pip install gcsfs"):
+            as_path("gs://bucket/run")
+    monkeypatch.setitem(sys.modules["fsspec.registry"]._registry, "gcs", MemoryFileSystem)
+    monkeypatch.setattr("tensorboardX.SummaryWriter", FakeSummaryWriter)
+    workdir = epath.Path(f"gs://spellm-test-{os.getpid()}/run")
+    workdir.mkdir(parents=True, exist_ok=True)
+    spelling = SpellingTable(kind="byte_level", k=4, vocab_size=3, spellings=(b"a", b"bc", b""),
+                             special_ids=(2,))
+    spelling.save(workdir / trainer.SPELLING_FILE)
+    spelling.save(workdir / trainer.SPELLING_FILE)  # the same table again: kept as it is
+    assert SpellingTable.load(workdir / trainer.SPELLING_FILE).content_hash == spelling.content_hash
+    metadata = {"teacher_source": "t", "spelling_table_hash": "h", "trainable": "full",
+                "heads_config": {}}
+    trainer._check_or_write_metadata(workdir, metadata)
+    with pytest.raises(ConfigError, match="fresh --workdir"):
+        trainer._check_or_write_metadata(workdir, metadata | {"teacher_source": "other"})
+    for step in (1, 2):  # a resumed run keeps what the first one wrote
+        writer = trainer.MetricsWriter(workdir)
+        writer.write(step, {"loss": float(step)})
+        writer.close()
+    assert read_metrics(workdir) == {(1, "loss"): 1.0, (2, "loss"): 2.0}
+    assert {p.name for p in workdir.iterdir()} == {trainer.METADATA_FILE, "metrics.jsonl",
+                                                   trainer.SPELLING_FILE}
+
+
+class FakeSummaryWriter:
+    """Stands in for tensorboardX's writer, whose gs:// support needs google-cloud-storage."""
+
+    def __init__(self, logdir: str):
+        assert logdir.startswith("gs://")
+
+    def add_scalar(self, *args) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

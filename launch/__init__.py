@@ -1,0 +1,1 @@
+"""Launchers that run SpeLLM self-distillation on Cloud TPU VM slices."""
