@@ -404,10 +404,12 @@ def run_metadata(path: str | Path) -> dict[str, Any]:
     return json.loads((workdir / METADATA_FILE).read_text())
 
 
-def load_spellm(path: str | Path) -> tuple[Any, Any, SpellingTable]:
+def load_spellm(path: str | Path, teacher: Pretrained | None = None
+                ) -> tuple[Any, Any, SpellingTable]:
     """`(model, tokenizer, spelling)` of a trained SpeLLM: a workdir (its latest checkpoint), one
     `workdir/checkpoints/N` directory, or an exported directory. A training checkpoint holds no
-    teacher weights: the frozen parts are rebuilt from its recorded source."""
+    teacher weights: the frozen parts are rebuilt from its recorded source (or `teacher`, when
+    the caller has loaded it already)."""
     path = as_path(path)
     if has_spellm_parts(path):
         return load_exported(str(path))
@@ -416,7 +418,7 @@ def load_spellm(path: str | Path) -> tuple[Any, Any, SpellingTable]:
     config = ml_collections.ConfigDict(metadata["config"])
     spelling = SpellingTable.load(workdir / SPELLING_FILE)
     spelling.check_hash(metadata["spelling_table_hash"], str(workdir / METADATA_FILE))
-    teacher = load_teacher(config)
+    teacher = teacher or load_teacher(config)
     _, graphdef, params, rest, tx = build_student(
         config, teacher, spelling, HeadsConfig(**metadata["heads_config"]), prior_tokens=0)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
