@@ -1,0 +1,313 @@
+"""How close a SpeLLM is to its teacher, measured on held-out data.
+
+Three sets, all from the corpora's held-out documents: real text (teacher-forced rows), the
+teacher's greedy continuations of held-out prompts, and a last-word completion task. At every
+position one jitted pass gives the teacher's argmax and log-probabilities, the SpeLLM's free and
+vocabulary-constrained choices and its renormalised log-probabilities, and what heads holding the
+teacher's exact symbol marginals would choose (the independence ceiling).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spellm_jax import decoding, spelling_lookup
+from spellm_jax.charset import SpellingTable
+from spellm_jax.data.last_word import LastWordItem
+from spellm_jax.losses import spelled_log_probs, symbol_marginals
+
+CEILING_KS = (4, 6, 8, 12, 16, 24)
+ROWS_PER_CALL = 32  # rows of one jitted call (one compilation per row length)
+
+
+@dataclasses.dataclass(frozen=True)
+class Speller:
+    """A spelling table's device arrays: what exact-marginal heads with this k need."""
+
+    table: jax.Array
+    valid: jax.Array
+    hashes: jax.Array
+    ids: jax.Array
+    num_symbols: int
+
+    @classmethod
+    def of(cls, spelling: SpellingTable) -> Speller:
+        table = np.asarray(spelling.table, np.int32)
+        hashes, ids = spelling_lookup.build_lookup(table, np.asarray(spelling.canonical))
+        return cls(jnp.asarray(table), jnp.asarray(spelling.valid), jnp.asarray(hashes),
+                   jnp.asarray(ids), spelling.num_symbols)
+
+    def lookup(self, rows: jax.Array) -> jax.Array:
+        rows = spelling_lookup.canonical_rows(rows, self.num_symbols - 1)
+        return spelling_lookup.lookup(rows, self.table, self.hashes, self.ids)
+
+    def ceiling(self, teacher_logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Free and vocabulary-constrained choices `[T]` of heads that output the teacher's
+        exact per-position symbol marginals (the best any independent heads can do)."""
+        marginals = symbol_marginals(jax.nn.softmax(teacher_logits, axis=-1), self.table,
+                                     self.num_symbols)
+        free = self.lookup(jnp.argmax(marginals, axis=-1))
+        scores = spelled_log_probs(jnp.log(marginals), self.table)
+        return free, jnp.argmax(jnp.where(self.valid, scores, -jnp.inf), axis=-1)
+
+
+jax.tree_util.register_dataclass(Speller, data_fields=["table", "valid", "hashes", "ids"],
+                                 meta_fields=["num_symbols"])
+
+
+def _next_log_probs(log_probs: jax.Array, ids: jax.Array) -> jax.Array:
+    """`log p(ids[t + 1])` at each position t `[T]` (0 at the last position)."""
+    following = jnp.concatenate([ids[1:], ids[:1]])
+    picked = jnp.take_along_axis(log_probs, following[:, None], axis=-1)[:, 0]
+    return picked.at[-1].set(0.0)
+
+
+@functools.partial(nnx.jit, static_argnames=("full",))
+def _row_outputs(spellm, teacher, ids: jax.Array, speller: Speller, full: bool = True
+                 ) -> dict[str, jax.Array]:
+    """Per-position outputs of rows `[N, T]`, one row at a time (a `[T, V, k]` gather each):
+    the choices of teacher and SpeLLM and, if `full`, log-probabilities and the ceiling."""
+
+    def one_row(row_ids):
+        teacher_logits = teacher(row_ids[None])[0]
+        hidden, _ = spellm.model(row_ids[None])
+        char_logits = spellm.char_logits(hidden[0])
+        rows = jnp.argmax(char_logits, axis=-1).astype(jnp.int32)
+        scores = spellm.vocab_log_scores(char_logits)
+        outputs = {"teacher": jnp.argmax(teacher_logits, axis=-1), "free_rows": rows,
+                   "free": spellm.lookup_tokens(rows), "vocab": jnp.argmax(scores, axis=-1)}
+        if full:
+            ceiling_free, ceiling_vocab = speller.ceiling(teacher_logits)
+            outputs |= {
+                "spellm_logp": _next_log_probs(jax.nn.log_softmax(scores, axis=-1), row_ids),
+                "teacher_logp": _next_log_probs(jax.nn.log_softmax(teacher_logits, axis=-1),
+                                                row_ids),
+                "ceiling_free": ceiling_free, "ceiling_vocab": ceiling_vocab}
+        return outputs
+
+    return jax.lax.map(one_row, ids)
+
+
+@nnx.jit
+def _ceiling_rows(teacher, ids: jax.Array, speller: Speller) -> tuple[jax.Array, jax.Array]:
+    return jax.lax.map(lambda row: speller.ceiling(teacher(row[None])[0]), ids)
+
+
+@nnx.jit
+def _teacher_argmax(teacher, ids: jax.Array) -> jax.Array:
+    return jax.lax.map(lambda row: jnp.argmax(teacher(row[None])[0], axis=-1), ids)
+
+
+def _batched(rows: np.ndarray, fn: Callable[[jax.Array], Any], progress: str | None) -> Any:
+    """`fn` over chunks of up to ROWS_PER_CALL rows (the last padded by repeating its first row),
+    concatenated."""
+    from tqdm import tqdm
+
+    outputs = []
+    size = min(ROWS_PER_CALL, len(rows))
+    starts = range(0, len(rows), size)
+    for start in tqdm(starts, desc=progress, disable=progress is None or len(starts) < 2,
+                      leave=False):
+        chunk = rows[start:start + size]
+        padded = np.concatenate([chunk, np.repeat(chunk[:1], size - len(chunk), 0)])
+        outputs.append(jax.device_get(fn(jnp.asarray(padded))))
+    joined = jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
+    return jax.tree.map(lambda x: x[:len(rows)], joined)
+
+
+def position_outputs(spellm, teacher, spelling: SpellingTable, rows: np.ndarray,
+                     progress: str | None = None, full: bool = True) -> dict[str, np.ndarray]:
+    """`_row_outputs` for any number of rows `[N, T]`, as numpy."""
+    speller = Speller.of(spelling)
+    return _batched(rows, lambda ids: _row_outputs(spellm, teacher, ids, speller, full=full),
+                    progress)
+
+
+def emitted_strings(free_rows: np.ndarray, free_tokens: np.ndarray, spelling: SpellingTable,
+                    tokenizer: Any) -> dict[str, float]:
+    """What free decoding would feed back for each emitted row: shares of rows that are one token,
+    several input tokens (through the tokenizer), or nothing usable; mean input ids per step."""
+    counts = np.where(free_tokens >= 0, 1, 0)
+    for index in np.flatnonzero(free_tokens < 0):
+        counts[index] = len(spelling.ids_for_row(free_rows[index], tokenizer))
+    one = free_tokens >= 0
+    return {"one_token_share": float(one.mean()),
+            "several_tokens_share": float((~one & (counts > 0)).mean()),
+            "unusable_share": float((counts == 0).mean()),
+            "mean_input_tokens_per_step": float(counts.mean())}
+
+
+def agreement_metrics(outputs: dict[str, np.ndarray], mask: np.ndarray, ids: np.ndarray,
+                      spelling: SpellingTable, tokenizer: Any) -> dict[str, float]:
+    """Everything measured at the masked positions of teacher-forced rows `ids` `[N, T]` (a
+    position predicts the next token; targets are the teacher's argmax there)."""
+    mask = mask.astype(bool)
+    teacher = outputs["teacher"][mask]
+    rows = outputs["free_rows"][mask]
+    target_rows = spelling.table[teacher]
+    head_acc = (rows == target_rows).mean(axis=0)
+    following = np.concatenate([ids[:, 1:], ids[:, :1]], axis=1)[mask]
+    nats_to_bits = 1 / np.log(2)
+    num_bytes = max(int(spelling.lengths[following].sum()), 1)
+    metrics = {
+        "positions": int(mask.sum()),
+        "free_agreement": float((outputs["free"][mask] == teacher).mean()),
+        "vocab_agreement": float((outputs["vocab"][mask] == teacher).mean()),
+        "ceiling_free_agreement": float((outputs["ceiling_free"][mask] == teacher).mean()),
+        "ceiling_vocab_agreement": float((outputs["ceiling_vocab"][mask] == teacher).mean()),
+        "exact_token_accuracy": float((rows == target_rows).all(axis=1).mean()),
+        "head_accuracy": [float(a) for a in head_acc],
+        "spellm_bits_per_byte": float(-outputs["spellm_logp"][mask].sum() * nats_to_bits / num_bytes),
+        "teacher_bits_per_byte": float(-outputs["teacher_logp"][mask].sum() * nats_to_bits
+                                       / num_bytes),
+    }
+    return metrics | emitted_strings(rows, outputs["free"][mask], spelling, tokenizer)
+
+
+def ceiling_against_k(teacher, tokenizer, vocab_size: int, rows: np.ndarray, mask: np.ndarray,
+                      ks: Sequence[int] = CEILING_KS) -> dict[int, dict[str, float]]:
+    """The independence ceiling (free and vocabulary-constrained agreement) for each k."""
+    from tqdm import tqdm
+
+    targets = _batched(rows, lambda ids: _teacher_argmax(teacher, ids), None)
+    results = {}
+    for k in tqdm(ks, desc="ceiling against k", leave=False):
+        speller = Speller.of(SpellingTable.from_tokenizer(tokenizer, k, vocab_size))
+        free, vocab = _batched(rows, lambda ids, s=speller: _ceiling_rows(teacher, ids, s), None)
+        agree = {"free": free == targets, "vocab": vocab == targets}
+        results[k] = {name: float(a[mask.astype(bool)].mean()) for name, a in agree.items()}
+    return results
+
+
+def continuation_rows(prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+                      pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt + continuation rows (right-padded) and the mask of positions predicting a
+    continuation token."""
+    length = max(len(p) + len(c) for p, c in zip(prompts, continuations, strict=True))
+    rows = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), bool)
+    for row, (prompt, continuation) in enumerate(zip(prompts, continuations, strict=True)):
+        rows[row, :len(prompt) + len(continuation)] = [*prompt, *continuation]
+        mask[row, len(prompt) - 1:len(prompt) + len(continuation) - 1] = True
+    return rows, mask
+
+
+def matching_prefix(reference: Sequence[int], other: Sequence[int]) -> int:
+    """Tokens before the first divergence of `other` from `reference`."""
+    for index, (a, b) in enumerate(zip(reference, other, strict=False)):
+        if a != b:
+            return index
+    return min(len(reference), len(other))
+
+
+def greedy_continuations(spellm, teacher, prompts, new_tokens: int, spelling, tokenizer,
+                         eos_ids: Sequence[int], pad_id: int) -> dict[str, list[list[int]]]:
+    """Greedy continuations of `prompts` by the teacher (LM head) and by the SpeLLM (free, vocab)."""
+    common = {"eos_ids": eos_ids, "pad_id": pad_id}
+    spelled = common | {"spelling": spelling, "tokenizer": tokenizer}
+    return {"teacher": decoding.generate(teacher, prompts, new_tokens, decoding.LMHeadRule(),
+                                         **common),
+            "free": decoding.generate(spellm, prompts, new_tokens, decoding.FreeRule(), **spelled),
+            "vocab": decoding.generate(spellm, prompts, new_tokens, decoding.VocabRule(), **spelled)}
+
+
+def _starts_a_word(data: bytes) -> bool:
+    return bool(data) and chr(data[0]).isalnum()
+
+
+def last_word_accuracy(spellm, teacher, spelling: SpellingTable, items: Sequence[LastWordItem],
+                       pad_id: int, progress: str | None = None) -> dict[str, float]:
+    """Share of items whose target word greedy decoding reproduces, for the teacher (LM head) and
+    the SpeLLM (free, vocab): the string chosen at each target position (teacher-forced) equals
+    the target token's spelling, and the one after the word does not continue it. Same prompts,
+    same code, for all three."""
+    length = max(len(i.context_ids) + len(i.target_ids) for i in items)
+    rows = np.full((len(items), length), pad_id, np.int32)
+    for row, item in enumerate(items):
+        rows[row, :len(item.context_ids) + len(item.target_ids)] = item.context_ids + item.target_ids
+    outputs = position_outputs(spellm, teacher, spelling, rows, progress, full=False)
+
+    def token_string(token: int) -> bytes:
+        return spelling.spellings[token] if token >= 0 else b""
+
+    choosers = {"teacher": lambda r, t: token_string(outputs["teacher"][r, t]),
+                "vocab": lambda r, t: token_string(outputs["vocab"][r, t]),
+                "free": lambda r, t: spelling.unspell(outputs["free_rows"][r, t])[0]}
+    correct = dict.fromkeys(choosers, 0)
+    for row, item in enumerate(items):
+        first = len(item.context_ids) - 1  # the position that predicts the first target token
+        targets = [spelling.spellings[t] for t in item.target_ids]
+        for name, chosen in choosers.items():
+            hits = all(chosen(row, first + j) == target for j, target in enumerate(targets))
+            correct[name] += hits and not _starts_a_word(chosen(row, first + len(targets)))
+    return {f"{name}_accuracy": count / len(items) for name, count in correct.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """What `evaluate` measures on; every set comes from the corpora's held-out documents."""
+
+    corpora: tuple[str, ...] = ("shakespeare", "wiki")
+    real_text_rows: int = 16  # teacher-forced rows of real text, spread over the documents
+    seq_len: int = 128
+    prompts: int = 32  # prompts whose greedy continuations the teacher and the SpeLLM write
+    prompt_tokens: int = 24
+    new_tokens: int = 32
+    last_word_items: int = 500
+    last_word_context: int = 40  # context tokens before each target word
+    ceiling_ks: tuple[int, ...] = CEILING_KS
+    seed: int = 0
+
+
+def _real_text_rows(documents: dict[str, str], tokenizer, settings: EvalSettings
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    from spellm_jax.data import pack_documents
+
+    packed = pack_documents(list(documents.values()), tokenizer, settings.seq_len)
+    pick = np.unique(np.linspace(0, len(packed.tokens) - 1, settings.real_text_rows).astype(int))
+    mask = np.zeros(packed.tokens[pick].shape, bool)
+    mask[:, :-1] = packed.loss_mask[pick][:, 1:]  # position t predicts token t + 1
+    return packed.tokens[pick], mask
+
+
+def evaluate(spellm, teacher, tokenizer, spelling: SpellingTable, settings: EvalSettings
+             ) -> dict[str, Any]:
+    """All metrics of a SpeLLM against its teacher (an LM-head model), as a JSON-ready dict."""
+    from spellm_jax.data import evaluation_prompts, load_corpora
+    from spellm_jax.data.last_word import last_word_items
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    documents = load_corpora(settings.corpora, "heldout")
+    rows, mask = _real_text_rows(documents, tokenizer, settings)
+    outputs = position_outputs(spellm, teacher, spelling, rows, "real text")
+    real_text = agreement_metrics(outputs, mask, rows, spelling, tokenizer)
+
+    prompts = evaluation_prompts(settings.corpora, tokenizer, settings.prompts,
+                                 settings.prompt_tokens, settings.seed)
+    generations = greedy_continuations(spellm, teacher, prompts, settings.new_tokens, spelling,
+                                       tokenizer, list(spellm.config.eos_token_ids), pad_id)
+    rows, mask = continuation_rows(prompts, generations["teacher"], pad_id)
+    outputs = position_outputs(spellm, teacher, spelling, rows, "continuations")
+    continuations = agreement_metrics(outputs, mask, rows, spelling, tokenizer)
+    for mode in ("free", "vocab"):
+        prefixes = [matching_prefix(reference, other) for reference, other
+                    in zip(generations["teacher"], generations[mode], strict=True)]
+        continuations[f"{mode}_median_matching_prefix"] = float(np.median(prefixes))
+    ceiling = ceiling_against_k(teacher, tokenizer, spellm.config.vocab_size, rows, mask,
+                                settings.ceiling_ks)
+
+    items = last_word_items(documents, tokenizer, settings.last_word_items,
+                            settings.last_word_context)
+    last_word = last_word_accuracy(spellm, teacher, spelling, items, pad_id, "last word")
+    return {"k": spelling.k, "settings": dataclasses.asdict(settings), "real_text": real_text,
+            "continuations": continuations,
+            "ceiling_against_k": {str(k): v for k, v in ceiling.items()},
+            "last_word": last_word | {"items": len(items)}}

@@ -1,0 +1,90 @@
+"""`python -m spellm_jax.evaluate`: every metric present and in range on a tiny run, the
+last-word task built from held-out text, and the independence ceiling on known distributions."""
+
+import json
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spellm_jax import trainer
+from spellm_jax.charset import SpellingTable
+from spellm_jax.data import load_corpora
+from spellm_jax.data.last_word import last_word_items
+from spellm_jax.evaluation import Speller, matching_prefix
+from spellm_jax.tokenizers import load_tokenizer
+from tests.test_distill import tiny_config
+
+SHARES = ("free_agreement", "vocab_agreement", "ceiling_free_agreement", "ceiling_vocab_agreement",
+          "exact_token_accuracy", "one_token_share", "several_tokens_share", "unusable_share")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("smollm2")
+
+
+def test_evaluate_reports_every_metric_in_range(tmp_path):
+    trainer.run(tiny_config(**{"train.steps": 4, "train.eval_every": 100}), tmp_path / "run")
+    command = [sys.executable, "-m", "spellm_jax.evaluate", f"--workdir={tmp_path / 'run'}",
+               "--prompts=4", "--new_tokens=8", "--real_text_rows=4", "--last_word_items=64",
+               "--ceiling_ks=4,8"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "run" / "eval"
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name in ("real_text", "continuations"):
+        group = metrics[name]
+        for key in SHARES:
+            assert 0 <= group[key] <= 1, (name, key)
+        assert group["one_token_share"] + group["several_tokens_share"] + group[
+            "unusable_share"] == pytest.approx(1)
+        assert 0 < group["spellm_bits_per_byte"] < 64 and 0 < group["teacher_bits_per_byte"] < 64
+        assert len(group["head_accuracy"]) == metrics["k"]
+        assert all(0 <= a <= 1 for a in group["head_accuracy"])
+        assert group["mean_input_tokens_per_step"] >= group["one_token_share"]
+        assert group["positions"] > 0
+    assert metrics["real_text"]["positions"] > 400
+    for mode in ("free", "vocab"):
+        assert 0 <= metrics["continuations"][f"{mode}_median_matching_prefix"] <= 8
+    assert set(metrics["ceiling_against_k"]) == {"4", "8"}
+    assert metrics["last_word"]["items"] == 64
+    assert all(0 <= metrics["last_word"][f"{m}_accuracy"] <= 1 for m in ("teacher", "free", "vocab"))
+    summary = (out / "summary.md").read_text()
+    assert "independence ceiling" in summary and "Last-word completion (64 items" in summary
+    for plot in ("head_accuracy.png", "agreement_vs_k.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_last_word_task_is_deterministic_held_out_and_large_enough(tokenizer):
+    heldout = load_corpora(("shakespeare", "wiki"), "heldout")
+    items = last_word_items(heldout, tokenizer, 500)
+    assert items == last_word_items(heldout, tokenizer, 500)
+    assert len(items) == 500 and len({i.context_ids + i.target_ids for i in items}) == 500
+    assert {i.document for i in items} <= set(heldout)
+    assert {i.document.split("/")[0] for i in items} == {"shakespeare", "wiki"}
+    for item in items:
+        assert tokenizer.decode(item.target_ids) == " " + item.word and len(item.word) >= 3
+        assert 0 < len(item.context_ids) <= 40
+    with pytest.raises(ValueError, match="fewer than"):
+        last_word_items({"d": "Only one sentence here ends well."}, tokenizer, 2)
+
+
+def test_ceiling_recovers_a_certain_teacher(tokenizer):
+    """Exact marginals of a teacher that is sure of its token spell exactly that token."""
+    spelling = SpellingTable.from_tokenizer(tokenizer, 16)
+    fully_spelled = np.flatnonzero(spelling.canonical & (spelling.lengths <= 16))
+    tokens = np.random.default_rng(0).choice(fully_spelled, 64, replace=False)
+    logits = np.zeros((64, spelling.vocab_size), np.float32)
+    logits[np.arange(64), tokens] = 40.0
+    free, vocab = Speller.of(spelling).ceiling(jnp.asarray(logits))
+    np.testing.assert_array_equal(np.asarray(free), tokens)
+    np.testing.assert_array_equal(np.asarray(vocab), tokens)
+
+
+def test_matching_prefix():
+    assert matching_prefix([1, 2, 3], [1, 2, 4]) == 2
+    assert matching_prefix([1, 2, 3], [1, 2]) == 2
+    assert matching_prefix([5], [6]) == 0
