@@ -225,12 +225,16 @@ def _grow(s: DecodeState, extra: int) -> DecodeState:
 
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              rule: OutputRule | None = None, *, eos_ids: Sequence[int] = (), pad_id: int = 0,
-             seed: int = 0, spelling=None, tokenizer=None) -> list[list[int]]:
+             seed: int = 0, spelling=None, tokenizer=None, stats: dict | None = None
+             ) -> list[list[int]]:
     """New token ids for each prompt (ending with the EOS id if one was produced).
 
     SpeLLM rules need `spelling` (the SpellingTable) and, for free decoding of strings that are
-    not one token, the `tokenizer`.
+    not one token, the `tokenizer`. A `stats` dict receives `host_round_trips` (stops of the
+    on-device loop for strings that are not one token) and `cache_growths`.
     """
+    stats = {} if stats is None else stats
+    stats.update(host_round_trips=0, cache_growths=0)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}; ask for at least one new token.")
     rule = rule or LMHeadRule()
@@ -258,10 +262,13 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens
             if not bool(jnp.any(~s.done & (s.num_tokens < max_new_tokens))):
                 break
             s = _grow(s, max_new_tokens)  # host chunks (padded to the widest row) filled the cache
+            stats["cache_growths"] += 1
             continue
+        stats["host_round_trips"] += 1
         chunk_ids, chunk_mask = _host_chunk(s, max_new_tokens, spelling, tokenizer, pad_id)
         if int(s.slot) + chunk_ids.shape[1] + 1 > s.key_valid.shape[1]:
             s = _grow(s, max(chunk_ids.shape[1] + 1, max_new_tokens))
+            stats["cache_growths"] += 1
         s = _feed(graphdef, state, s, jnp.asarray(chunk_ids), jnp.asarray(chunk_mask), eos,
                   record=True)
     tokens, counts = np.asarray(s.tokens), np.asarray(s.num_tokens)

@@ -1,0 +1,230 @@
+"""Decoding speed of SpeLLM against the ordinary LM head, and against transformers' PyTorch.
+
+    python bench/decode.py [--checkpoint=workdir/smollm2] [--repeats=5]
+
+One run, one machine: greedy decoding of 128 new tokens after 64-token prompts (held-out text),
+at batch 1 and 8, with the LM head, SpeLLM free and SpeLLM vocabulary-constrained decoding on the
+same backbone and the same compiled loop (`spellm_jax.decoding.generate`), and transformers'
+`generate` on the same weights. Repeats are interleaved; per-token time is the median over
+repeats of (time for 128 new tokens - time for 1) / 127, so prefill is not counted. Then a
+head-only micro-benchmark and a FLOPs/bytes table. Writes bench/results/decode.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from spellm_jax import decoding
+from spellm_jax.models.char_heads import HeadsConfig, head_cost
+from spellm_jax.models.config import ModelConfig
+
+PROMPT_TOKENS, NEW_TOKENS, BATCHES = 64, 128, (1, 8)
+RESULTS = Path(__file__).resolve().parent / "results"
+JAX_MODES = {"lm_head": decoding.LMHeadRule(), "free": decoding.FreeRule(),
+             "vocab": decoding.VocabRule()}
+# Public shapes for the FLOPs table; C is the SpeLLM alphabet of each tokenizer (k = 16).
+SHAPES = {
+    "SmolLM2-135M": (ModelConfig(49152, 576, 1536, 30, 9, 3, 64, tie_word_embeddings=True), 274),
+    "Llama-3.2-1B": (ModelConfig(128256, 2048, 8192, 16, 32, 8, 64, tie_word_embeddings=True), 514),
+    "Llama-3.1-8B": (ModelConfig(128256, 4096, 14336, 32, 32, 8, 128), 514),
+}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").exists():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    import torch
+
+    return (f"{cpu}, {os.cpu_count()} cores visible; jax {jax.__version__} ({jax.default_backend()}), "
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads); fp32")
+
+
+def load(checkpoint: str | None):
+    """The SpeLLM to time: a trained checkpoint, else the bundled teacher with untrained heads."""
+    if checkpoint:
+        from spellm_jax.trainer import load_spellm
+
+        return (*load_spellm(checkpoint), checkpoint)
+    from spellm_jax.pretrained import spellm_from_pretrained
+
+    return (*spellm_from_pretrained("smollm2"), "smollm2 with untrained heads (from the LM head)")
+
+
+def torch_model(model, tokenizer, spelling):
+    """transformers' model holding the same backbone weights (via the exporter)."""
+    from transformers import AutoModelForCausalLM
+
+    from spellm_jax.export import export_spellm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = export_spellm(model, tokenizer, spelling, Path(tmp) / "export", base_model="bench")
+        return AutoModelForCausalLM.from_pretrained(out).eval()
+
+
+def decode_timers(model, tokenizer, spelling, prompts) -> dict[str, Callable[[int], dict]]:
+    """Per mode, a function that decodes `n` new tokens for `prompts` and returns stats."""
+    import torch
+
+    def jax_timer(rule):
+        def run(n: int) -> dict:
+            stats: dict = {}
+            start = time.perf_counter()
+            out = decoding.generate(model, prompts, n, rule, spelling=spelling, tokenizer=tokenizer,
+                                    stats=stats)
+            return stats | {"seconds": time.perf_counter() - start,
+                            "tokens": sum(min(len(o), n) for o in out)}
+        return run
+
+    reference = torch_model(model, tokenizer, spelling)
+    ids, mask = decoding.left_pad(prompts, tokenizer.pad_token_id or 0, bucket=1)
+
+    def torch_run(n: int) -> dict:
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = reference.generate(torch.as_tensor(ids, dtype=torch.long),
+                                     attention_mask=torch.as_tensor(mask, dtype=torch.long),
+                                     max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id or 0)
+        return {"seconds": time.perf_counter() - start, "tokens": (out.shape[1] - ids.shape[1]) * len(ids)}
+
+    return {**{name: jax_timer(rule) for name, rule in JAX_MODES.items()}, "torch": torch_run}
+
+
+def time_decoding(timers: dict[str, Callable[[int], dict]], batch: int, repeats: int) -> dict:
+    for run in timers.values():  # compile (and warm the caches) outside the timed repeats
+        run(NEW_TOKENS)
+        run(1)
+    samples: dict[str, list[dict]] = {name: [] for name in timers}
+    for _ in range(repeats):
+        for name, run in timers.items():  # interleaved, so drift hits every mode alike
+            long, short = run(NEW_TOKENS), run(1)
+            per_token = (long["seconds"] - short["seconds"]) / (NEW_TOKENS - 1)
+            samples[name].append(long | {"per_token_s": per_token})
+    results = {}
+    for name, runs in samples.items():
+        per_token = statistics.median(r["per_token_s"] for r in runs)
+        results[name] = {"per_token_ms": per_token * 1e3, "tokens_per_s": batch / per_token,
+                         "host_round_trips": statistics.median(r.get("host_round_trips", 0)
+                                                               for r in runs),
+                         "all_per_token_ms": [r["per_token_s"] * 1e3 for r in runs]}
+    base = results["lm_head"]["per_token_ms"]
+    for result in results.values():
+        result["speedup_vs_lm_head"] = base / result["per_token_ms"]
+    return results
+
+
+def time_heads(model, batch: int, iterations: int = 200) -> dict:
+    """The output layer alone on random hidden states `[batch, d]`: LM head + argmax against k
+    heads + symbol argmax + lookup (free) and + vocabulary scoring (vocab)."""
+    hidden = jax.random.normal(jax.random.key(0), (batch, model.config.hidden_size))
+    functions = {
+        "lm_head": jax.jit(lambda h: jnp.argmax(model.lm_logits(h), axis=-1)),
+        "free": jax.jit(lambda h: model.lookup_tokens(jnp.argmax(model.char_logits(h), axis=-1))),
+        "vocab": jax.jit(lambda h: jnp.argmax(model.vocab_log_scores(model.char_logits(h)), -1)),
+    }
+    timings: dict[str, list[float]] = {name: [] for name in functions}
+    for fn in functions.values():
+        fn(hidden).block_until_ready()
+    for _ in range(iterations):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            fn(hidden).block_until_ready()
+            timings[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e6 for name, t in timings.items()}
+
+
+def flops_table(k: int = 16, context: int = 192) -> list[dict]:
+    """Per decoded token at batch 1: multiply-adds of the backbone (with `context` keys), the LM
+    head and the k linear heads, and the weight bytes each reads in bf16."""
+    rows = []
+    for name, (config, symbols) in SHAPES.items():
+        d, hd = config.hidden_size, config.head_dim
+        q, kv = config.num_heads * hd, config.num_kv_heads * hd
+        layer = d * (q + 2 * kv) + q * d + 3 * d * config.intermediate_size
+        backbone = config.num_layers * (layer + 2 * context * q)
+        lm_head = d * config.vocab_size
+        heads = head_cost(d, config.vocab_size, HeadsConfig(k, symbols))["heads_macs"]
+        weights = config.num_layers * layer
+        rows.append({"model": name, "backbone_macs": backbone, "lm_head_macs": lm_head,
+                     "heads_macs": heads, "lm_head_share": lm_head / (backbone + lm_head),
+                     "heads_share": heads / (backbone + heads),
+                     "ideal_speedup": (backbone + lm_head) / (backbone + heads),
+                     "backbone_weight_mb_bf16": 2 * weights / 1e6,
+                     "lm_head_mb_bf16": 2 * lm_head / 1e6, "heads_mb_bf16": 2 * heads / 1e6})
+    return rows
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Machine: {report['machine']}.", f"Model: {report['model']}.", "",
+             "| batch | decoding | ms / token | tokens / s | vs LM head | host round trips |",
+             "| ---: | --- | ---: | ---: | ---: | ---: |"]
+    labels = {"lm_head": "LM head (baseline)", "free": "SpeLLM free", "vocab": "SpeLLM vocab",
+              "torch": "transformers PyTorch (LM head)"}
+    for batch, results in report["decoding"].items():
+        for name, r in results.items():
+            lines.append(f"| {batch} | {labels[name]} | {r['per_token_ms']:.2f} | "
+                         f"{r['tokens_per_s']:.1f} | {r['speedup_vs_lm_head']:.3f}x | "
+                         f"{r['host_round_trips']:g} |")
+    lines += ["", "Output layer alone (median µs per call):", "",
+              "| batch | LM head + argmax | k heads + argmax + lookup (free) | k heads + vocab scores |",
+              "| ---: | ---: | ---: | ---: |"]
+    for batch, r in report["heads_only_us"].items():
+        lines.append(f"| {batch} | {r['lm_head']:.0f} | {r['free']:.0f} | {r['vocab']:.0f} |")
+    lines += ["", "Per decoded token, batch 1, 192 keys in the cache, k = 16 linear heads (MACs; "
+              "weight MB read in bf16):", "",
+              "| shape | backbone | LM head | heads | LM head share | ideal speed-up | "
+              "backbone MB | LM head MB | heads MB |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in report["flops"]:
+        lines.append(f"| {r['model']} | {r['backbone_macs'] / 1e6:.0f}M | {r['lm_head_macs'] / 1e6:.1f}M"
+                     f" | {r['heads_macs'] / 1e6:.2f}M | {r['lm_head_share']:.1%} | "
+                     f"{r['ideal_speedup']:.3f}x | {r['backbone_weight_mb_bf16']:.0f} | "
+                     f"{r['lm_head_mb_bf16']:.0f} | {r['heads_mb_bf16']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default="workdir/smollm2" if Path(
+        "workdir/smollm2/spellm.json").exists() else None, help="trained SpeLLM (default: the "
+        "README's default run if present, else untrained heads on the bundled teacher)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    args = parser.parse_args()
+
+    from spellm_jax.data import evaluation_prompts
+
+    model, tokenizer, spelling, source = load(args.checkpoint)
+    pool = evaluation_prompts(("shakespeare", "wiki"), tokenizer, max(args.batches), PROMPT_TOKENS)
+    report = {"machine": machine(), "model": source, "prompt_tokens": PROMPT_TOKENS,
+              "new_tokens": NEW_TOKENS, "repeats": args.repeats, "decoding": {},
+              "heads_only_us": {}, "flops": flops_table()}
+    for batch in args.batches:
+        timers = decode_timers(model, tokenizer, spelling, pool[:batch])
+        report["decoding"][str(batch)] = time_decoding(timers, batch, args.repeats)
+        report["heads_only_us"][str(batch)] = time_heads(model, batch)
+        print(markdown(report), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "decode.json").write_text(json.dumps(report, indent=2))
+    (RESULTS / "decode.md").write_text(markdown(report))
+    print(f"wrote {RESULTS / 'decode.json'} and decode.md")
+
+
+if __name__ == "__main__":
+    main()
