@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from absl import app, flags, logging
 
@@ -24,3 +25,19 @@ def run(main: Callable[[list[str]], None]) -> None:
             sys.exit(2)
 
     app.run(wrapped)
+
+
+def define_output_flags() -> None:
+    """`--out` and `--overwrite`, for commands that write one directory."""
+    flags.DEFINE_string("out", None, "Output directory (must be empty unless --overwrite).",
+                        required=True)
+    flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.")
+
+
+def checked_output_dir() -> Path:
+    """`--out`, refused at once (before any slow loading) when it is taken and not `--overwrite`."""
+    from spellm_jax.checkpointing import prepare_output_dir
+
+    out = Path(flags.FLAGS.out)
+    prepare_output_dir(out, flags.FLAGS.overwrite).rmdir()
+    return out

@@ -1,12 +1,14 @@
 """Convert weights into spellm_jax's format (Orbax params + model config + tokenizer).
 
     python -m spellm_jax.convert --source=<HF dir | hub name | file.gguf | smollm2> --out=DIR
+
+A directory written by `python -m spellm_jax.export` converts back with its character heads
+(`spellm_heads/`, `spellm_config.json`, `spelling_table.json`), bit for bit.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from absl import flags
 
@@ -15,18 +17,14 @@ from spellm_jax import cli
 FLAGS = flags.FLAGS
 flags.DEFINE_string("source", None, "HF dir, hub name (org/model), .gguf file, or smollm2.",
                     required=True)
-flags.DEFINE_string("out", None, "Output directory (must be empty unless --overwrite).",
-                    required=True)
-flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.")
+cli.define_output_flags()
 
 
 def main(argv: list[str]) -> None:
     del argv
-    from spellm_jax.checkpointing import prepare_output_dir
     from spellm_jax.conversion.sources import read_source, write_converted
 
-    out = Path(FLAGS.out)
-    prepare_output_dir(out, FLAGS.overwrite).rmdir()  # refuse early, before any reading
+    out = cli.checked_output_dir()
     start = time.time()
     pretrained = read_source(FLAGS.source)
     write_converted(pretrained, out, overwrite=FLAGS.overwrite)

@@ -72,18 +72,14 @@ def export_spellm(model, tokenizer, spelling, out: str | Path, *, base_model: st
 
 flags.DEFINE_string("checkpoint", None, "A training workdir (its latest checkpoint) or "
                     "WORKDIR/checkpoints/N.", required=True)
-flags.DEFINE_string("out", None, "Output directory (must be empty unless --overwrite).",
-                    required=True)
-flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.")
+cli.define_output_flags()
 
 
 def main(argv: list[str]) -> None:
     del argv
-    from spellm_jax.checkpointing import prepare_output_dir
     from spellm_jax.trainer import load_spellm, run_metadata
 
-    out = Path(FLAGS.out)
-    prepare_output_dir(out, FLAGS.overwrite).rmdir()  # refuse early, before any loading
+    out = cli.checked_output_dir()
     metadata = run_metadata(FLAGS.checkpoint)
     model, tokenizer, spelling = load_spellm(FLAGS.checkpoint)
     export_spellm(model, tokenizer, spelling, out, base_model=metadata["teacher_source"],
