@@ -203,6 +203,32 @@ def test_canonical_is_one_token_per_distinct_row(vocab):
         assert tuple(spelling.table[token_id]) not in row_keys
 
 
+def test_host_row_lookup_matches_the_device_lookup(fast_vocab):
+    """`token_for_row` (the PyTorch module's and the host's lookup) finds exactly the tokens that
+    `spelling_lookup.lookup` finds on device, also for rows with symbols after the first PAD."""
+    from spellm_jax import spelling_lookup
+
+    spelling = fast_vocab.spelling
+    rng = np.random.default_rng(0)
+    rows = spelling.table[rng.choice(spelling.vocab_size, 512)].copy()
+    rows[:64, -1] = rng.integers(0, 256, 64)  # noise after PAD (or a changed last symbol)
+    rows[64:96] = rng.integers(0, 256, (32, spelling.k))  # mostly not tokens
+    hashes, ids = spelling_lookup.build_lookup(spelling.table, spelling.canonical)
+    canonical = spelling_lookup.canonical_rows(rows, spelling.pad_symbol)
+    on_device = np.asarray(spelling_lookup.lookup(canonical, spelling.table, hashes, ids))
+    on_host = [spelling.token_for_row(row) for row in rows]
+    assert [-1 if t is None else t for t in on_host] == on_device.tolist()
+    assert sum(t is None for t in on_host) >= 30
+    for row, token in zip(rows, on_host, strict=True):
+        ids = spelling.ids_for_row(row)
+        if token is not None:
+            assert ids == [token]
+        else:  # the host feeds tokens that spell the row's bytes (less any unspellable byte)
+            text, _ = spelling.unspell(row)
+            fed = b"".join(spelling.spellings[i] for i in ids)
+            assert len(fed) <= len(text) and all(byte in text for byte in fed)
+
+
 def test_canonical_prefers_real_pieces_over_byte_fallback(mistral):
     spelling = mistral.spelling
     piece_a = mistral.tokenizer.convert_tokens_to_ids("a")
