@@ -219,7 +219,7 @@ def _grow(s: DecodeState, extra: int) -> DecodeState:
         widths[axis] = (0, extra)
         return jnp.pad(x, widths)
 
-    cache = KVCache(pad(s.cache.keys, 2), pad(s.cache.values, 2))
+    cache = KVCache(pad(s.cache.keys, 3), pad(s.cache.values, 3))
     return s.replace(cache=cache, key_valid=pad(s.key_valid, 1))
 
 

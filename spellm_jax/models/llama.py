@@ -38,19 +38,20 @@ class RuntimeOptions:
 
 @struct.dataclass
 class KVCache:
-    """Static-size key/value cache for every layer: `[layers, batch, max_len, kv_heads, head_dim]`."""
+    """Static-size key/value cache for every layer: `[layers, batch, kv_heads, max_len, head_dim]`
+    (slots after the heads, so a layer's keys feed the attention dots without a transpose)."""
 
     keys: jax.Array
     values: jax.Array
 
     @classmethod
     def zeros(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     @property
     def max_len(self) -> int:
-        return self.keys.shape[2]
+        return self.keys.shape[3]
 
 
 class Dense(nnx.Module):
@@ -135,32 +136,37 @@ class Attention(nnx.Module):
                             use_bias=config.o_bias, options=options, rngs=rngs)
 
     def __call__(self, x, cos, sin, key_valid, write_index, cache_kv):
-        """x `[B, T, d]`; key_valid `[B, S]`; cache_kv `(k, v)` of `[B, S, kv, hd]` or None.
+        """x `[B, T, d]`; key_valid `[B, S]`; cache_kv None or `(keys, values, layer)`: the
+        stacked `[L, B, kv, S, hd]` caches of every layer and this block's index in them.
 
-        Without a cache S = T. With one, this call's keys are written at slots
-        `write_index .. write_index + T` and queries attend to every valid slot up to their own.
+        Without a cache S = T. With one, this call's keys are written in place at slots
+        `write_index .. write_index + T` of its layer, and queries attend to every valid slot up
+        to their own.
         """
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, kv, T, hd]
         if cache_kv is not None:
-            cache_k, cache_v = cache_kv
-            k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), write_index, 1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), write_index, 1)
+            cache_k, cache_v, layer = cache_kv
+            start = (layer, 0, 0, write_index, 0)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
+            cache_kv, k, v = (cache_k, cache_v, layer), cache_k[layer], cache_v[layer]
         query_slots = write_index + jnp.arange(t)
-        key_slots = jnp.arange(k.shape[1])
+        key_slots = jnp.arange(k.shape[2])
         allowed = (key_slots[None, :] <= query_slots[:, None])[None] & key_valid[:, None, :]
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
+        scores = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(q.dtype),
                             preferred_element_type=jnp.float32) * self.head_dim**-0.5
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
+        out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(q.dtype))
         out = self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
-        return out, (None if cache_kv is None else (k, v))
+        return out, cache_kv
 
 
 class MLP(nnx.Module):
@@ -283,22 +289,23 @@ class Llama(nnx.Module):
                 stacked = jax.tree.map(lambda a: a[start:end], stacked)
 
             def body(h, layer):
-                block_state, cache_kv = layer
-                return run(graphdef, block_state, h, cos, sin, key_valid, write_index, cache_kv)
+                block_state, layer_kv = layer
+                if layer_kv is not None:  # this layer's slices, as a stack of one
+                    layer_kv = (layer_kv[0][None], layer_kv[1][None], 0)
+                h, layer_kv = run(graphdef, block_state, h, cos, sin, key_valid, write_index,
+                                  layer_kv)
+                return h, (None if layer_kv is None else (layer_kv[0][0], layer_kv[1][0]))
 
             per_layer_cache = None if cache is None else (cache.keys, cache.values)
             x, new_kv = jax.lax.scan(body, x, (stacked, per_layer_cache))
             return x, (None if cache is None else KVCache(*new_kv))
-        new_k, new_v = [], []
-        for i in range(start, end):
+        kv = None if cache is None else (cache.keys, cache.values)
+        for i in range(start, end):  # the caches are threaded through and updated in place
             graphdef, block_state = nnx.split(self.layers[i])
-            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            x, layer_cache = run(graphdef, block_state, x, cos, sin, key_valid, write_index,
-                                 layer_cache)
-            if layer_cache is not None:
-                new_k.append(layer_cache[0])
-                new_v.append(layer_cache[1])
-        return x, (None if cache is None else KVCache(jnp.stack(new_k), jnp.stack(new_v)))
+            x, layer_kv = run(graphdef, block_state, x, cos, sin, key_valid, write_index,
+                              None if kv is None else (*kv, i))
+            kv = None if layer_kv is None else layer_kv[:2]
+        return x, (None if kv is None else KVCache(*kv))
 
 
 class LlamaForCausalLM(nnx.Module):
