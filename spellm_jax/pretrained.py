@@ -52,12 +52,29 @@ def teacher_token_prior(model: LlamaForCausalLM, start_ids: list[int], num_token
     return np.asarray(jax.nn.softmax(model.lm_logits(hidden)[0], axis=-1).mean(0))
 
 
+def _init_lora(model: nnx.Module, seed: int) -> None:
+    """Concrete LoRA factors (A random, B zero) in place of the abstract ones left by loading."""
+    rngs = nnx.Rngs(seed + 1)
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = str(path[-1])
+        if name not in ("lora_a", "lora_b"):
+            continue
+        shape, dtype = variable.get_value().shape, variable.get_value().dtype
+        scale = 1 / shape[-2] ** 0.5
+        value = (jax.random.normal(rngs.params(), shape, dtype) * scale if name == "lora_a"
+                 else jnp.zeros(shape, dtype))
+        variable.set_value(value)
+
+
 def _spellm_on(pretrained: Pretrained, heads: HeadsConfig, options: RuntimeOptions,
                seed: int) -> SpeLLM:
-    """A SpeLLM holding the pretrained backbone and LM head, with freshly initialised heads."""
+    """A SpeLLM holding the pretrained backbone and LM head, with freshly initialised heads (and
+    LoRA factors that start as the identity, when `options.lora_rank` asks for them)."""
     model = nnx.eval_shape(lambda: SpeLLM(pretrained.config, heads, options, rngs=nnx.Rngs(0)))
     load_params(model, pretrained.params, pretrained.source, exclude=NOT_IN_PRETRAINED)
     model.char_heads = CharHeads(pretrained.config.hidden_size, heads, options, nnx.Rngs(seed))
+    if options.lora_rank:
+        _init_lora(model, seed)
     return model
 
 

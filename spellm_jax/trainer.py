@@ -269,8 +269,6 @@ def build_student(config, teacher: Pretrained, spelling: SpellingTable, heads: H
                        config.train.grad_accum)
     model = build_spellm(teacher, spelling, heads, runtime_options(config), seed=config.seed,
                          prior_tokens=prior_tokens)
-    if spec.trainable == "lora":
-        _init_lora(model, config.seed)
     graphdef, params, rest = split_model(model, spec)
     tx = make_optimizer(config.train.learning_rate, config.train.warmup_steps, config.train.steps,
                         config.train.weight_decay, config.train.grad_clip)
@@ -340,20 +338,6 @@ def _check_or_write_metadata(workdir: epath.Path, metadata: dict) -> None:
                     f"{metadata[key]!r}; use a fresh --workdir (nothing was overwritten).")
     if jax.process_index() == 0:
         path.write_text(json.dumps(metadata, indent=2))
-
-
-def _init_lora(model, seed: int) -> None:
-    """Concrete LoRA factors (A random, B zero) in place of the abstract ones left by loading."""
-    rngs = nnx.Rngs(seed + 1)
-    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name = str(path[-1])
-        if name not in ("lora_a", "lora_b"):
-            continue
-        shape, dtype = variable.get_value().shape, variable.get_value().dtype
-        scale = 1 / shape[-2] ** 0.5
-        value = (jax.random.normal(rngs.params(), shape, dtype) * scale if name == "lora_a"
-                 else jnp.zeros(shape, dtype))
-        variable.set_value(value)
 
 
 def _eval_sequences(teacher_model, dataset, config) -> tuple[np.ndarray, np.ndarray]:

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec
 
 from configs import llama as llama_configs
@@ -91,3 +92,13 @@ def test_bfloat16_compute_trains(tiny_teacher):
     _, state, losses = run_steps(config, tiny_teacher, (1, 1, 1), batch * 4)  # fit one batch
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert jax.tree.leaves(state["params"])[0].dtype == np.float32  # master weights stay fp32
+
+
+def test_lora_student_with_a_teacher_token_prior(tiny_teacher):
+    """LoRA factors exist (B = 0, so the teacher is unchanged) before the head init samples the
+    teacher's own continuation, as the smollm2 preset does with heads.prior_tokens > 0."""
+    teacher, spelling, heads = tiny_teacher
+    config = tiny_config(**{"train.trainable": "lora"})
+    _, _, params, _, _ = trainer.build_student(config, teacher, spelling, heads, prior_tokens=8)
+    lora_b = [v.get_value() for path, v in nnx.to_flat_state(params) if path[-1] == "lora_b"]
+    assert lora_b and all(not np.asarray(v).any() for v in lora_b)
