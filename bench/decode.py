@@ -4,10 +4,13 @@
 
 One run, one machine: greedy decoding of 128 new tokens after 64-token prompts (held-out text),
 at batch 1 and 8, with the LM head, SpeLLM free and SpeLLM vocabulary-constrained decoding on the
-same backbone and the same compiled loop (`spellm_jax.decoding.generate`), and transformers'
-`generate` on the same weights. Repeats are interleaved; per-token time is the median over
-repeats of (time for 128 new tokens - time for 1) / 127, so prefill is not counted. Then a
-head-only micro-benchmark and a FLOPs/bytes table. Writes bench/results/decode.{json,md}.
+same backbone and the same compiled loop (`spellm_jax.decoding.generate` on
+`fused_for_inference(model)`), and transformers' `generate` on the same weights; at batch 1 also
+the LM head on the model before fusion. Repeats are interleaved, in alternating order; a repeat's
+per-token time is (time for 128 new tokens - median time for 1) / 127, so prefill is not counted.
+The table shows medians over repeats, and the median and range of each repeat's own ratio to the
+LM head. Then a head-only micro-benchmark and a FLOPs/bytes table. Writes
+bench/results/decode.{json,md}.
 """
 
 from __future__ import annotations
@@ -77,11 +80,13 @@ def torch_model(model, tokenizer, spelling):
         return AutoModelForCausalLM.from_pretrained(out).eval()
 
 
-def decode_timers(model, tokenizer, spelling, prompts) -> dict[str, Callable[[int], dict]]:
-    """Per mode, a function that decodes `n` new tokens for `prompts` and returns stats."""
+def decode_timers(model, unfused, reference, tokenizer, spelling, prompts
+                  ) -> dict[str, Callable[[int], dict]]:
+    """Per mode, a function that decodes `n` new tokens for `prompts` and returns stats: the JAX
+    modes on `model`, the LM head on `unfused` too (unless None) and transformers' `reference`."""
     import torch
 
-    def jax_timer(rule):
+    def jax_timer(rule, model=model):
         def run(n: int) -> dict:
             stats: dict = {}
             start = time.perf_counter()
@@ -91,7 +96,6 @@ def decode_timers(model, tokenizer, spelling, prompts) -> dict[str, Callable[[in
                             "tokens": sum(min(len(o), n) for o in out)}
         return run
 
-    reference = torch_model(model, tokenizer, spelling)
     ids, mask = decoding.left_pad(prompts, tokenizer.pad_token_id or 0, bucket=1)
 
     def torch_run(n: int) -> dict:
@@ -103,7 +107,10 @@ def decode_timers(model, tokenizer, spelling, prompts) -> dict[str, Callable[[in
                                      pad_token_id=tokenizer.pad_token_id or 0)
         return {"seconds": time.perf_counter() - start, "tokens": (out.shape[1] - ids.shape[1]) * len(ids)}
 
-    return {**{name: jax_timer(rule) for name, rule in JAX_MODES.items()}, "torch": torch_run}
+    timers = {name: jax_timer(rule) for name, rule in JAX_MODES.items()}
+    if unfused is not None:
+        timers["lm_head_unfused"] = jax_timer(decoding.LMHeadRule(), unfused)
+    return timers | {"torch": torch_run}
 
 
 def time_decoding(timers: dict[str, Callable[[int], dict]], batch: int, repeats: int) -> dict:
@@ -111,21 +118,27 @@ def time_decoding(timers: dict[str, Callable[[int], dict]], batch: int, repeats:
         run(NEW_TOKENS)
         run(1)
     samples: dict[str, list[dict]] = {name: [] for name in timers}
-    for _ in range(repeats):
-        for name, run in timers.items():  # interleaved, so drift hits every mode alike
-            long, short = run(NEW_TOKENS), run(1)
-            per_token = (long["seconds"] - short["seconds"]) / (NEW_TOKENS - 1)
-            samples[name].append(long | {"per_token_s": per_token})
+    names = list(timers)
+    for repeat in range(repeats):
+        # Interleaved, in alternating order, so drift and neighbours' load hit every mode alike.
+        for name in names if repeat % 2 == 0 else names[::-1]:
+            run = timers[name]
+            long = run(NEW_TOKENS)
+            prefill = statistics.median(run(1)["seconds"] for _ in range(3))
+            samples[name].append(long | {"per_token_s": (long["seconds"] - prefill)
+                                         / (NEW_TOKENS - 1)})
+    base = [r["per_token_s"] for r in samples["lm_head"]]
     results = {}
     for name, runs in samples.items():
-        per_token = statistics.median(r["per_token_s"] for r in runs)
-        results[name] = {"per_token_ms": per_token * 1e3, "tokens_per_s": batch / per_token,
+        per_token = [r["per_token_s"] for r in runs]
+        ratios = [b / t for b, t in zip(base, per_token, strict=True)]
+        results[name] = {"per_token_ms": statistics.median(per_token) * 1e3,
+                         "tokens_per_s": batch / statistics.median(per_token),
+                         "speedup_vs_lm_head": statistics.median(ratios),
+                         "speedup_range": [min(ratios), max(ratios)],
                          "host_round_trips": statistics.median(r.get("host_round_trips", 0)
                                                                for r in runs),
-                         "all_per_token_ms": [r["per_token_s"] * 1e3 for r in runs]}
-    base = results["lm_head"]["per_token_ms"]
-    for result in results.values():
-        result["speedup_vs_lm_head"] = base / result["per_token_ms"]
+                         "all_per_token_ms": [t * 1e3 for t in per_token]}
     return results
 
 
@@ -172,15 +185,19 @@ def flops_table(k: int = 16, context: int = 192) -> list[dict]:
 
 def markdown(report: dict) -> str:
     lines = [f"Machine: {report['machine']}.", f"Model: {report['model']}.", "",
-             "| batch | decoding | ms / token | tokens / s | vs LM head | host round trips |",
-             "| ---: | --- | ---: | ---: | ---: | ---: |"]
+             f"Medians of {report['repeats']} interleaved repeats; \"vs LM head\" is the median "
+             "(and range) of each repeat's own ratio.", "",
+             "| batch | decoding | ms / token | tokens / s | vs LM head | range | host round trips |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     labels = {"lm_head": "LM head (baseline)", "free": "SpeLLM free", "vocab": "SpeLLM vocab",
+              "lm_head_unfused": "LM head, unfused q/k/v and gate/up",
               "torch": "transformers PyTorch (LM head)"}
     for batch, results in report["decoding"].items():
         for name, r in results.items():
+            low, high = r["speedup_range"]
             lines.append(f"| {batch} | {labels[name]} | {r['per_token_ms']:.2f} | "
                          f"{r['tokens_per_s']:.1f} | {r['speedup_vs_lm_head']:.3f}x | "
-                         f"{r['host_round_trips']:g} |")
+                         f"{low:.2f} to {high:.2f} | {r['host_round_trips']:g} |")
     lines += ["", "Output layer alone (median µs per call):", "",
               "| batch | LM head + argmax | k heads + argmax + lookup (free) | k heads + vocab scores |",
               "| ---: | ---: | ---: | ---: |"]
@@ -204,19 +221,23 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="workdir/smollm2" if Path(
         "workdir/smollm2/spellm.json").exists() else None, help="trained SpeLLM (default: the "
         "README's default run if present, else untrained heads on the bundled teacher)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     args = parser.parse_args()
 
     from spellm_jax.data import evaluation_prompts
+    from spellm_jax.models.llama import fused_for_inference
 
-    model, tokenizer, spelling, source = load(args.checkpoint)
+    unfused, tokenizer, spelling, source = load(args.checkpoint)
+    reference = torch_model(unfused, tokenizer, spelling)
+    model = fused_for_inference(unfused)
     pool = evaluation_prompts(("shakespeare", "wiki"), tokenizer, max(args.batches), PROMPT_TOKENS)
     report = {"machine": machine(), "model": source, "prompt_tokens": PROMPT_TOKENS,
               "new_tokens": NEW_TOKENS, "repeats": args.repeats, "decoding": {},
               "heads_only_us": {}, "flops": flops_table()}
     for batch in args.batches:
-        timers = decode_timers(model, tokenizer, spelling, pool[:batch])
+        timers = decode_timers(model, unfused if batch == 1 else None, reference, tokenizer,
+                               spelling, pool[:batch])
         report["decoding"][str(batch)] = time_decoding(timers, batch, args.repeats)
         report["heads_only_us"][str(batch)] = time_heads(model, batch)
         print(markdown(report), flush=True)

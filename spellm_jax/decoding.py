@@ -231,7 +231,8 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens
 
     SpeLLM rules need `spelling` (the SpellingTable) and, for free decoding of strings that are
     not one token, the `tokenizer`. A `stats` dict receives `host_round_trips` (stops of the
-    on-device loop for strings that are not one token) and `cache_growths`.
+    on-device loop for strings that are not one token) and `cache_growths`. For speed, pass
+    `models.llama.fused_for_inference(model)`.
     """
     stats = {} if stats is None else stats
     stats.update(host_round_trips=0, cache_growths=0)

@@ -106,7 +106,7 @@ def main(argv: list[str]) -> None:
     import ml_collections
 
     from spellm_jax.evaluation import EvalSettings, evaluate
-    from spellm_jax.models.llama import RuntimeOptions
+    from spellm_jax.models.llama import RuntimeOptions, fused_for_inference
     from spellm_jax.pretrained import build_model
     from spellm_jax.trainer import load_spellm, load_teacher, run_metadata
 
@@ -117,7 +117,9 @@ def main(argv: list[str]) -> None:
     config = ml_collections.ConfigDict(metadata["config"])
     teacher = load_teacher(config)
     model, tokenizer, spelling = load_spellm(source, teacher=teacher)
-    teacher_model = build_model(teacher.config, RuntimeOptions(), teacher.params, teacher.source)
+    model = fused_for_inference(model)
+    teacher_model = fused_for_inference(
+        build_model(teacher.config, RuntimeOptions(), teacher.params, teacher.source))
     settings = EvalSettings(
         corpora=tuple(config.data.corpora), prompts=FLAGS.prompts, new_tokens=FLAGS.new_tokens,
         prompt_tokens=config.data.prompt_tokens, real_text_rows=FLAGS.real_text_rows,

@@ -43,6 +43,7 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]
 def main(argv: list[str]) -> None:
     del argv
     from spellm_jax import decoding
+    from spellm_jax.models.llama import fused_for_inference
     from spellm_jax.pretrained import load_pretrained, spellm_from_pretrained
     from spellm_jax.trainer import load_spellm
 
@@ -55,6 +56,7 @@ def main(argv: list[str]) -> None:
         if FLAGS.mode != "lm_head":
             print("note: no --checkpoint, so the character heads are untrained (initialised from "
                   "the LM head); expect rough text.")
+    model = fused_for_inference(model)
     prompts = encode_prompts(tokenizer, FLAGS.prompt, FLAGS.chat)
     sampling = decoding.Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
     rule = {"lm_head": decoding.LMHeadRule, "free": decoding.FreeRule,

@@ -8,13 +8,14 @@ from flax import nnx
 
 from spellm_jax import decoding
 from spellm_jax.models.config import ModelConfig
-from spellm_jax.models.llama import LlamaForCausalLM, RuntimeOptions
+from spellm_jax.models.llama import LlamaForCausalLM, RuntimeOptions, fused_for_inference
 from tests.hf_configs import TINY_CONFIGS
 
 
-def tiny_model(scan_layers=False, name="llama_gqa2"):
+def tiny_model(scan_layers=False, name="llama_gqa2", lora_rank=0):
     config = ModelConfig.from_hf(TINY_CONFIGS[name].to_dict())
-    return LlamaForCausalLM(config, RuntimeOptions(scan_layers=scan_layers), rngs=nnx.Rngs(3))
+    options = RuntimeOptions(scan_layers=scan_layers, lora_rank=lora_rank)
+    return LlamaForCausalLM(config, options, rngs=nnx.Rngs(3))
 
 
 @nnx.jit
@@ -53,6 +54,29 @@ def test_kv_cache_logits_equal_full_forward():
                                     write_index=t, key_valid=key_valid)
         stepwise.append(model.lm_logits(hidden))
     assert np.abs(np.asarray(jnp.concatenate(stepwise, axis=1)) - np.asarray(full)).max() <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["loop", "scan", "lora", "qkv_bias"])
+def test_fused_projections_compute_the_same_function(variant):
+    model = tiny_model(scan_layers=variant == "scan", lora_rank=4 if variant == "lora" else 0,
+                       name="qwen2_bias_tied" if variant == "qkv_bias" else "llama_gqa2")
+    if variant == "lora":  # non-zero B factors, so folding them in matters
+        factors = [v for path, v in nnx.iter_graph(model) if path and path[-1] == "lora_b"]
+        assert len(factors) == 7 * model.config.num_layers
+        for i, factor in enumerate(factors):
+            factor[...] = jax.random.normal(jax.random.key(i), factor.shape) * 0.1
+    fused = fused_for_inference(model)
+    ids = jnp.asarray(np.random.RandomState(1).randint(0, 128, (2, 12)))
+    assert np.abs(np.asarray(fused(ids)) - np.asarray(model(ids))).max() <= 1e-5
+    prompts = [[5, 17, 99, 3], [42, 7, 7, 8, 1, 2, 3]]
+    assert decoding.generate(fused, prompts, 12) == decoding.generate(model, prompts, 12)
+    attention = fused.model.layers if variant == "scan" else fused.model.layers[0]
+    assert attention.self_attn.q_proj is None and attention.mlp.gate_proj is None
+    original = model.model.layers if variant == "scan" else model.model.layers[0]
+    assert original.self_attn.q_proj is not None  # the original model is left as it was
+    if variant != "lora":  # weights that are not fused are shared, not copied
+        assert attention.self_attn.o_proj.kernel[...] is original.self_attn.o_proj.kernel[...]
+        assert fused.model.embed_tokens[...] is model.model.embed_tokens[...]
 
 
 def test_left_padded_batch_equals_each_example_alone():

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from spellm_jax import decoding
+from spellm_jax.models.llama import fused_for_inference
 from spellm_jax.models.spellm import SpeLLM
 from spellm_jax.pretrained import spellm_from_pretrained
 
@@ -114,6 +115,18 @@ def test_batched_spellm_decoding_equals_single_rows(smollm2_spellm):
         together = decoding.generate(model, prompts, 8, rule, **kwargs)
         alone = [decoding.generate(model, [p], 8, rule, **kwargs)[0] for p in prompts]
         assert together == alone
+
+
+def test_fused_projections_decode_smollm2_alike(smollm2_spellm):
+    model, tokenizer, spelling = smollm2_spellm
+    fused = fused_for_inference(model)
+    ids = jnp.asarray([tokenizer(HELD_OUT_TEXT)["input_ids"][:48]])
+    assert np.abs(np.asarray(fused.model(ids)[0]) - np.asarray(model.model(ids)[0])).max() <= 1e-4
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS[:2]]
+    kwargs = dict(spelling=spelling, tokenizer=tokenizer)
+    for rule in (decoding.LMHeadRule(), decoding.FreeRule(), decoding.VocabRule()):
+        assert (decoding.generate(fused, prompts, 16, rule, **kwargs)
+                == decoding.generate(model, prompts, 16, rule, **kwargs))
 
 
 def test_unspellable_bytes_are_dropped_not_fatal(smollm2_spellm):

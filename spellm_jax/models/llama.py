@@ -7,7 +7,8 @@ normed hidden state, so output layers (the LM head, the character heads) sit on 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from collections.abc import Sequence
+from typing import Literal, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ from spellm_jax import sharding
 from spellm_jax.models.config import ModelConfig, UnsupportedModelError, rope_inverse_frequencies
 
 RematPolicy = Literal["none", "full", "dots"]
+ModelT = TypeVar("ModelT", bound=nnx.Module)
 
 _kernel_init = jax.nn.initializers.normal(0.02)
 _zeros = jax.nn.initializers.zeros
@@ -85,6 +87,32 @@ class Dense(nnx.Module):
             y = y + self.bias[...].astype(self.dtype)
         return y
 
+    def merged_kernel(self) -> jax.Array:
+        """The kernel with the LoRA update folded in (in fp32, kept in the kernel's dtype)."""
+        kernel = self.kernel[...]
+        if self.lora_a is None:
+            return kernel
+        low_rank = self.lora_a[...].astype(jnp.float32) @ self.lora_b[...].astype(jnp.float32)
+        return (kernel.astype(jnp.float32) + self.lora_scale * low_rank).astype(kernel.dtype)
+
+
+def side_by_side(parts: Sequence[Dense]) -> Dense:
+    """One Dense whose output is the outputs of `parts` concatenated, LoRA folded in: one larger
+    matmul instead of several small ones. Its kernel keeps the first part's logical axes."""
+    first = parts[0]
+    if any((p.bias is None) != (first.bias is None) for p in parts):
+        raise ValueError("side_by_side needs every part with a bias or none with one.")
+    fused = nnx.clone(first)
+    kernels = [p.merged_kernel() for p in parts]  # a single part without LoRA is not copied
+    fused.kernel = nnx.Param(kernels[0] if len(parts) == 1 else jnp.concatenate(kernels, axis=-1),
+                             **first.kernel.get_metadata())
+    if first.bias is not None and len(parts) > 1:
+        fused.bias = nnx.Param(jnp.concatenate([p.bias[...] for p in parts], axis=-1),
+                               **first.bias.get_metadata())
+    fused.lora_a = fused.lora_b = None
+    fused.lora_scale = 0.0
+    return fused
+
 
 class RMSNorm(nnx.Module):
     """Root-mean-square norm computed in fp32, cast back before the scale (as transformers does)."""
@@ -134,6 +162,20 @@ class Attention(nnx.Module):
                             use_bias=config.qkv_bias, options=options, rngs=rngs)
         self.o_proj = Dense(config.num_heads * hd, d, ("heads", "embed"),
                             use_bias=config.o_bias, options=options, rngs=rngs)
+        self.qkv_proj: Dense | None = nnx.data(None)  # q, k and v side by side, once fused
+
+    def fuse_projections(self) -> None:
+        """From now on q, k and v come from one matmul, LoRA folded in (`fused_for_inference`)."""
+        self.qkv_proj = side_by_side([self.q_proj, self.k_proj, self.v_proj])
+        self.q_proj = self.k_proj = self.v_proj = None
+        self.o_proj = side_by_side([self.o_proj])
+
+    def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        if self.qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = jnp.split(self.qkv_proj(x), [q_width, q_width + kv_width], axis=-1)
+        return q, k, v
 
     def __call__(self, x, cos, sin, key_valid, write_index, cache_kv):
         """x `[B, T, d]`; key_valid `[B, S]`; cache_kv None or `(keys, values, layer)`: the
@@ -144,9 +186,10 @@ class Attention(nnx.Module):
         to their own.
         """
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q, k, v = self._project(x)
+        q = q.reshape(b, t, self.num_heads, self.head_dim)
+        k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, kv, T, hd]
         if cache_kv is not None:
@@ -177,9 +220,20 @@ class MLP(nnx.Module):
         self.gate_proj = Dense(d, f, ("embed", "mlp"), use_bias=bias, options=options, rngs=rngs)
         self.up_proj = Dense(d, f, ("embed", "mlp"), use_bias=bias, options=options, rngs=rngs)
         self.down_proj = Dense(f, d, ("mlp", "embed"), use_bias=bias, options=options, rngs=rngs)
+        self.gate_up_proj: Dense | None = nnx.data(None)  # gate and up side by side, once fused
+
+    def fuse_projections(self) -> None:
+        """From now on gate and up come from one matmul, LoRA folded in (`fused_for_inference`)."""
+        self.gate_up_proj = side_by_side([self.gate_proj, self.up_proj])
+        self.gate_proj = self.up_proj = None
+        self.down_proj = side_by_side([self.down_proj])
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class Block(nnx.Module):
@@ -212,6 +266,23 @@ def _remat(fn, policy: RematPolicy):
 
 def _run_block(graphdef, block_state, x, cos, sin, key_valid, write_index, cache_kv):
     return nnx.merge(graphdef, block_state)(x, cos, sin, key_valid, write_index, cache_kv)
+
+
+def fused_for_inference(model: ModelT) -> ModelT:
+    """A copy of `model` (anything whose `.model` is a `Llama`) that computes the same function
+    with q/k/v and gate/up as one matmul each, LoRA folded in.
+
+    At small batch, decoding streams every weight once per token, and a few larger matrices
+    stream closer to memory bandwidth than many small ones (about 8% per token for SmolLM2-135M
+    on a CPU). The other weights are shared, not copied; drop the original to save the memory
+    of the fused ones. For inference only: the parameter names no longer match checkpoints.
+    """
+    fused = nnx.clone(model)
+    layers = fused.model.layers
+    for block in [layers] if fused.model.options.scan_layers else layers:
+        block.self_attn.fuse_projections()
+        block.mlp.fuse_projections()
+    return fused
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
