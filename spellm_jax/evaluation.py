@@ -23,6 +23,7 @@ from spellm_jax import decoding, spelling_lookup
 from spellm_jax.charset import SpellingTable
 from spellm_jax.data.last_word import LastWordItem
 from spellm_jax.losses import spelled_log_probs, symbol_marginals
+from spellm_jax.metrics import continuation_rows, spelled_choices
 
 CEILING_KS = (4, 6, 8, 12, 16, 24)
 ROWS_PER_CALL = 32  # rows of one jitted call (one compilation per row length)
@@ -78,12 +79,9 @@ def _row_outputs(spellm, teacher, ids: jax.Array, speller: Speller, full: bool =
 
     def one_row(row_ids):
         teacher_logits = teacher(row_ids[None])[0]
-        hidden, _ = spellm.model(row_ids[None])
-        char_logits = spellm.char_logits(hidden[0])
-        rows = jnp.argmax(char_logits, axis=-1).astype(jnp.int32)
-        scores = spellm.vocab_log_scores(char_logits)
-        outputs = {"teacher": jnp.argmax(teacher_logits, axis=-1), "free_rows": rows,
-                   "free": spellm.lookup_tokens(rows), "vocab": jnp.argmax(scores, axis=-1)}
+        outputs = spelled_choices(spellm, row_ids)
+        scores = outputs.pop("vocab_scores")
+        outputs["teacher"] = jnp.argmax(teacher_logits, axis=-1)
         if full:
             ceiling_free, ceiling_vocab = speller.ceiling(teacher_logits)
             outputs |= {
@@ -185,19 +183,6 @@ def ceiling_against_k(teacher, tokenizer, vocab_size: int, rows: np.ndarray, mas
         agree = {"free": free == targets, "vocab": vocab == targets}
         results[k] = {name: float(a[mask.astype(bool)].mean()) for name, a in agree.items()}
     return results
-
-
-def continuation_rows(prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
-                      pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Prompt + continuation rows (right-padded) and the mask of positions predicting a
-    continuation token."""
-    length = max(len(p) + len(c) for p, c in zip(prompts, continuations, strict=True))
-    rows = np.full((len(prompts), length), pad_id, np.int32)
-    mask = np.zeros((len(prompts), length), bool)
-    for row, (prompt, continuation) in enumerate(zip(prompts, continuations, strict=True)):
-        rows[row, :len(prompt) + len(continuation)] = [*prompt, *continuation]
-        mask[row, len(prompt) - 1:len(prompt) + len(continuation) - 1] = True
-    return rows, mask
 
 
 def matching_prefix(reference: Sequence[int], other: Sequence[int]) -> int:

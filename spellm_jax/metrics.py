@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,30 +12,52 @@ from flax import nnx
 from spellm_jax.models.spellm import SpeLLM
 
 
+def continuation_rows(prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+                      pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt + continuation rows (right-padded) and the mask of positions predicting a
+    continuation token."""
+    length = max(len(p) + len(c) for p, c in zip(prompts, continuations, strict=True))
+    rows = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), bool)
+    for row, (prompt, continuation) in enumerate(zip(prompts, continuations, strict=True)):
+        rows[row, :len(prompt) + len(continuation)] = [*prompt, *continuation]
+        mask[row, len(prompt) - 1:len(prompt) + len(continuation) - 1] = True
+    return rows, mask
+
+
+def spelled_choices(model: SpeLLM, row_ids: jax.Array) -> dict[str, jax.Array]:
+    """The SpeLLM's next-token choices at every position of one row `[T]`: the free rows and
+    their tokens, the vocabulary scores `[T, V]` and the vocabulary-constrained token."""
+    hidden, _ = model.model(row_ids[None])
+    char_logits = model.char_logits(hidden[0])
+    rows = jnp.argmax(char_logits, axis=-1).astype(jnp.int32)
+    scores = model.vocab_log_scores(char_logits)
+    return {"free_rows": rows, "free": model.lookup_tokens(rows), "vocab_scores": scores,
+            "vocab": jnp.argmax(scores, axis=-1)}
+
+
 @nnx.jit
 def _predictions(model: SpeLLM, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Free and vocabulary-constrained next-token predictions `[N, T]`, one row at a time (the
     `[T, V, k]` gather of the constrained scores would not fit for a whole batch)."""
 
     def one_row(row_ids):
-        hidden, _ = model.model(row_ids[None])
-        char_logits = model.char_logits(hidden[0])
-        free = model.lookup_tokens(jnp.argmax(char_logits, axis=-1))
-        constrained = jnp.argmax(model.vocab_log_scores(char_logits), axis=-1)
-        return free, constrained
+        choices = spelled_choices(model, row_ids)
+        return choices["free"], choices["vocab"]
 
     return jax.lax.map(one_row, ids)
 
 
-def continuation_agreement(model: SpeLLM, sequences: np.ndarray, target_mask: np.ndarray
+def continuation_agreement(model: SpeLLM, sequences: np.ndarray, predicts_target: np.ndarray
                            ) -> dict[str, float]:
     """Share of target positions where the SpeLLM's next token equals the sequence's next token.
 
-    `sequences` `[N, T]` are prompts followed by the teacher's greedy continuation; `target_mask`
-    marks the continuation tokens (the targets), so each is predicted from everything before it.
+    `sequences` `[N, T]` are prompts followed by the teacher's greedy continuation;
+    `predicts_target` marks the positions whose next token is a continuation token (as
+    `continuation_rows` gives them).
     """
     free, constrained = (np.asarray(x) for x in _predictions(model, jnp.asarray(sequences)))
-    targets, mask = sequences[:, 1:], target_mask[:, 1:].astype(bool)
+    targets, mask = sequences[:, 1:], predicts_target[:, :-1].astype(bool)
     count = max(int(mask.sum()), 1)
     return {"free_agreement": float(((free[:, :-1] == targets) & mask).sum() / count),
             "vocab_agreement": float(((constrained[:, :-1] == targets) & mask).sum() / count),

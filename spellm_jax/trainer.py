@@ -27,7 +27,7 @@ from spellm_jax.conversion.spellm_files import has_spellm_parts
 from spellm_jax.distill import DistillSpec, make_optimizer, split_model, train_step
 from spellm_jax.errors import ConfigError
 from spellm_jax.losses import LossConfig
-from spellm_jax.metrics import continuation_agreement
+from spellm_jax.metrics import continuation_agreement, continuation_rows
 from spellm_jax.models.char_heads import HeadsConfig
 from spellm_jax.models.config import ModelConfig
 from spellm_jax.models.llama import LlamaForCausalLM, RuntimeOptions
@@ -108,7 +108,7 @@ def _place(tree, mesh):
 
 class MetricsWriter:
     """metrics.jsonl plus TensorBoard event files in the workdir (process 0 only). Object stores
-    cannot append, so the JSONL file is rewritten whole at each write."""
+    (`gs://`) cannot append, so there the JSONL file is rewritten whole at each write."""
 
     def __init__(self, workdir: epath.Path):
         from tensorboardX import SummaryWriter
@@ -116,14 +116,21 @@ class MetricsWriter:
         self.enabled = jax.process_index() == 0
         if self.enabled:
             self.jsonl = workdir / "metrics.jsonl"
-            self.lines = self.jsonl.read_text().splitlines(True) if self.jsonl.exists() else []
+            self.appends = "://" not in str(workdir)
+            self.lines = ([] if self.appends or not self.jsonl.exists()
+                          else self.jsonl.read_text().splitlines(True))
             self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.lines.append(json.dumps({"step": step, **metrics}) + "\n")
-        self.jsonl.write_text("".join(self.lines))
+        line = json.dumps({"step": step, **metrics}) + "\n"
+        if self.appends:
+            with self.jsonl.open("a") as file:
+                file.write(line)
+        else:
+            self.lines.append(line)
+            self.jsonl.write_text("".join(self.lines))
         for name, value in metrics.items():
             self.tensorboard.add_scalar(name, value, step)
         self.tensorboard.flush()
@@ -341,17 +348,12 @@ def _check_or_write_metadata(workdir: epath.Path, metadata: dict) -> None:
 
 
 def _eval_sequences(teacher_model, dataset, config) -> tuple[np.ndarray, np.ndarray]:
-    """Held-out prompts followed by the teacher's greedy continuations, and the target mask."""
+    """Held-out prompts followed by the teacher's greedy continuations, and the mask of the
+    positions that predict a continuation token."""
     prompts = dataset.heldout_prompts[:config.data.eval_prompts]
     continuations = decoding.generate(teacher_model, prompts, config.data.eval_new_tokens,
                                       decoding.LMHeadRule())
-    length = max(len(p) + len(c) for p, c in zip(prompts, continuations, strict=True))
-    sequences = np.zeros((len(prompts), length), np.int32)
-    targets = np.zeros((len(prompts), length), bool)
-    for row, (prompt, continuation) in enumerate(zip(prompts, continuations, strict=True)):
-        sequences[row, :len(prompt) + len(continuation)] = prompt + continuation
-        targets[row, len(prompt):len(prompt) + len(continuation)] = True
-    return sequences, targets
+    return continuation_rows(prompts, continuations, pad_id=0)
 
 
 def _evaluate(graphdef, params, rest, eval_set) -> dict[str, float]:
