@@ -149,10 +149,26 @@ def _feed(graphdef, state, s: DecodeState, ids, mask, eos_ids, *, record: bool) 
                      num_tokens=num_tokens, done=done, needs_host=jnp.zeros_like(s.needs_host))
 
 
+def _choose(model, rule: OutputRule, s: DecodeState, max_new_tokens: int) -> DecodeState:
+    """Every row's next token from its hidden state, held in `step_tokens` / `step_rows` until it
+    is fed; active rows whose string is not one token are marked for the host."""
+    key, step_key = jax.random.split(s.key)
+    token, rows = rule(model, s.hidden, step_key)
+    active = ~s.done & (s.num_tokens < max_new_tokens)
+    return s.replace(step_tokens=token,
+                     step_rows=s.step_rows if rows is None else rows.astype(jnp.int32),
+                     needs_host=active & (token < 0), key=key)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "rule", "max_new_tokens"),
                    donate_argnames=("s",))
 def _loop(graphdef, state, s: DecodeState, eos_ids, *, rule, max_new_tokens: int) -> DecodeState:
-    """Generates on device until every row is done, the cache is full, or a row needs the host."""
+    """Generates on device until every row is done, the cache is full, or a row needs the host.
+
+    Each step feeds the tokens chosen by the step before and then chooses the next ones, so the
+    loop's condition (not a branch inside it) stops for the host, and the caches are updated in
+    place rather than copied into and out of a conditional.
+    """
     model = nnx.merge(graphdef, state)
     capacity = s.key_valid.shape[1]
 
@@ -161,24 +177,12 @@ def _loop(graphdef, state, s: DecodeState, eos_ids, *, rule, max_new_tokens: int
         return jnp.any(active) & ~jnp.any(s.needs_host) & (s.slot < capacity)
 
     def body(s: DecodeState):
-        key, step_key = jax.random.split(s.key)
-        token, rows = rule(model, s.hidden, step_key)
         active = ~s.done & (s.num_tokens < max_new_tokens)
-        needs_host = active & (token < 0)
+        s = _feed.__wrapped__(graphdef, state, s, s.step_tokens[:, None], active[:, None],
+                              eos_ids, record=True)
+        return _choose(model, rule, s, max_new_tokens)
 
-        def stop_for_host(s):
-            step_rows = s.step_rows if rows is None else rows.astype(jnp.int32)
-            return s.replace(step_tokens=token, step_rows=step_rows,
-                             needs_host=needs_host, key=key)
-
-        def advance(s):
-            ids, mask = token[:, None], active[:, None]
-            return _feed.__wrapped__(graphdef, state, s.replace(key=key), ids, mask, eos_ids,
-                                     record=True)
-
-        return jax.lax.cond(jnp.any(needs_host), stop_for_host, advance, s)
-
-    return jax.lax.while_loop(cond, body, s)
+    return jax.lax.while_loop(cond, body, _choose(model, rule, s, max_new_tokens))
 
 
 def _host_chunk(s: DecodeState, max_new_tokens: int, spelling, tokenizer, pad_id: int
