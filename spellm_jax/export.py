@@ -28,12 +28,13 @@ HEADS_PREFIX = "char_heads/"
 def fold_lora(flat: dict[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
     """Canonical flat params with every `lora_a`/`lora_b` pair folded into its kernel:
     `W + scale * A @ B`, computed in fp32 and stored in the kernel's dtype."""
+    from spellm_jax.models.llama import fold_lora_update
+
     folded = dict(flat)
     for key in [k for k in flat if k.endswith("/lora_a")]:
         base = key.removesuffix("lora_a")
-        low_rank = folded.pop(key).astype(np.float32) @ folded.pop(base + "lora_b").astype(np.float32)
-        kernel = folded[base + "kernel"]
-        folded[base + "kernel"] = (kernel.astype(np.float32) + scale * low_rank).astype(kernel.dtype)
+        folded[base + "kernel"] = fold_lora_update(folded[base + "kernel"], folded.pop(key),
+                                                   folded.pop(base + "lora_b"), scale)
     return folded
 
 

@@ -88,12 +88,18 @@ class Dense(nnx.Module):
         return y
 
     def merged_kernel(self) -> jax.Array:
-        """The kernel with the LoRA update folded in (in fp32, kept in the kernel's dtype)."""
-        kernel = self.kernel[...]
+        """The kernel with the LoRA update folded in."""
         if self.lora_a is None:
-            return kernel
-        low_rank = self.lora_a[...].astype(jnp.float32) @ self.lora_b[...].astype(jnp.float32)
-        return (kernel.astype(jnp.float32) + self.lora_scale * low_rank).astype(kernel.dtype)
+            return self.kernel[...]
+        return fold_lora_update(self.kernel[...], self.lora_a[...], self.lora_b[...],
+                                self.lora_scale)
+
+
+def fold_lora_update(kernel, lora_a, lora_b, scale: float):
+    """`kernel + scale * lora_a @ lora_b`, computed in fp32 and kept in the kernel's dtype (numpy
+    or JAX arrays alike)."""
+    low_rank = lora_a.astype("float32") @ lora_b.astype("float32")
+    return (kernel.astype("float32") + scale * low_rank).astype(kernel.dtype)
 
 
 def side_by_side(parts: Sequence[Dense]) -> Dense:
