@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -56,6 +57,15 @@ def param(
     if len(axes) != len(shape):
         raise ValueError(f"{len(axes)} logical axes {tuple(axes)} for a shape {tuple(shape)}.")
     return nnx.Param(init(key, tuple(shape), dtype), **{LOGICAL_AXES_KEY: tuple(axes)})
+
+
+def transposed(variable: nnx.Param, order: Sequence[int]) -> nnx.Param:
+    """A new parameter holding `variable`'s value with its dimensions, and their logical axis
+    names, put in `order`."""
+    metadata = dict(variable.get_metadata())
+    if metadata.get(LOGICAL_AXES_KEY) is not None:
+        metadata[LOGICAL_AXES_KEY] = tuple(metadata[LOGICAL_AXES_KEY][i] for i in order)
+    return nnx.Param(jnp.transpose(variable[...], order), **metadata)
 
 
 def logical_to_spec(

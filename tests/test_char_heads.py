@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from spellm_jax.models.char_heads import MASKED_LOGIT, CharHeads, HeadsConfig, head_cost
-from spellm_jax.models.llama import RuntimeOptions
+from spellm_jax.models.llama import RuntimeOptions, fused_for_inference
 from spellm_jax.sharding import partition_specs
 
 D, K, C = 32, 5, 11
@@ -60,6 +60,20 @@ def test_per_head_vmap_adapter_equals_explicit_per_head_reference():
     specs = partition_specs(nnx.state(heads, nnx.Param))
     assert specs["adapter"]["up"]["kernel"] == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     assert specs["kernel"] == jax.sharding.PartitionSpec(None, "fsdp", None)
+
+
+@pytest.mark.parametrize("adapter", ["none", "shared", "per_head"])
+def test_fused_heads_compute_the_same_logits(adapter):
+    heads = make_heads(adapter)
+    fused = fused_for_inference(heads)
+    hidden = jnp.asarray(np.random.RandomState(5).normal(size=(2, 3, D)), jnp.float32)
+    np.testing.assert_allclose(fused(hidden), heads(hidden), atol=1e-5)
+    if adapter == "per_head":  # each head has its own input: the [k, d, C] layout stays
+        assert fused.kernel_dkc is None
+        return
+    assert fused.kernel is None and fused.kernel_dkc[...].shape == (D, K, C)
+    assert (partition_specs(nnx.state(fused, nnx.Param))["kernel_dkc"]
+            == jax.sharding.PartitionSpec("fsdp", None, None))  # the axis names moved along
 
 
 @pytest.mark.parametrize("adapter", ["shared", "per_head"])

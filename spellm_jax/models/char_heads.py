@@ -67,6 +67,7 @@ class CharHeads(nnx.Module):
                                     ("char_head", "char_vocab"), options.param_dtype)
                      if config.use_bias else None)
         self.symbol_mask = SymbolMask(jnp.zeros((k, c), jnp.float32))
+        self.kernel_dkc: nnx.Param | None = nnx.data(None)  # the kernel as [d, k, C], once fused
         hidden = config.adapter_multiplier * d
         if config.adapter == "shared":
             self.adapter = ResidualMLP(d, hidden, options, rngs)
@@ -80,8 +81,17 @@ class CharHeads(nnx.Module):
         else:
             self.adapter = None
 
+    def fuse_projections(self) -> None:
+        """From now on the kernel is kept as `[d, k, C]`, so all heads are one plain matmul:
+        XLA otherwise transposes the `[k, d, C]` kernel, a copy of every head weight, on each
+        call (`fused_for_inference`). Per-head adapters feed each head its own input, which the
+        `[k, d, C]` layout already serves, so they keep it."""
+        if self.config.adapter == "per_head" or self.kernel_dkc is not None:
+            return
+        self.kernel_dkc = sharding.transposed(self.kernel, (1, 0, 2))
+        self.kernel = None
+
     def __call__(self, hidden: jax.Array) -> jax.Array:
-        kernel = self.kernel[...].astype(self.dtype)
         hidden = hidden.astype(self.dtype)
         if self.config.adapter == "per_head":
             @nnx.vmap(in_axes=(0, None), out_axes=-2,
@@ -89,12 +99,15 @@ class CharHeads(nnx.Module):
             def adapt(adapter: ResidualMLP, h: jax.Array) -> jax.Array:
                 return adapter(h)
 
-            logits = jnp.einsum("...kd,kdc->...kc", adapt(self.adapter, hidden), kernel,
+            logits = jnp.einsum("...kd,kdc->...kc", adapt(self.adapter, hidden),
+                                self.kernel[...].astype(self.dtype),
                                 preferred_element_type=jnp.float32)
         else:
             if self.adapter is not None:
                 hidden = self.adapter(hidden)
-            logits = jnp.einsum("...d,kdc->...kc", hidden, kernel,
+            kernel, spec = ((self.kernel, "...d,kdc->...kc") if self.kernel_dkc is None
+                            else (self.kernel_dkc, "...d,dkc->...kc"))
+            logits = jnp.einsum(spec, hidden, kernel[...].astype(self.dtype),
                                 preferred_element_type=jnp.float32)
         if self.bias is not None:
             logits = logits + self.bias[...].astype(jnp.float32)
