@@ -285,9 +285,10 @@ def fused_for_inference(model: ModelT) -> ModelT:
 
     At small batch, decoding streams every weight once per token: a few larger matrices stream
     closer to memory bandwidth than many small ones (5-15% per token for SmolLM2-135M on a CPU),
-    and heads the matmul reads as they are need no transposed copy per call. The other weights are shared, not copied; drop the original to save the memory of
-    the fused ones. For inference only: the parameter names no longer match checkpoints.
-    Fusing a fused model again changes nothing.
+    and heads the matmul reads as they are need no transposed copy per call. The other weights
+    are shared, not copied; drop the original to save the memory of the fused ones. For
+    inference only: the parameter names no longer match checkpoints. Fusing a fused model again
+    changes nothing.
     """
     fused = nnx.clone(model)
     for _, module in list(nnx.iter_modules(fused)):
