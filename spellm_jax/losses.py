@@ -20,9 +20,11 @@ def symbol_marginals(teacher_probs: jax.Array, table: jax.Array, num_symbols: in
 
 
 def spelled_log_probs(symbol_log_probs: jax.Array, table: jax.Array) -> jax.Array:
-    """`Σ_i log q_i(spell(v)_i)` for every token v: `[..., k, C]` -> `[..., V]`, by a gather."""
-    k = table.shape[1]
-    return symbol_log_probs[..., jnp.arange(k)[None, :], table].sum(-1)
+    """`Σ_i log q_i(spell(v)_i)` for every token v: `[..., k, C]` -> `[..., V]`, as k gathers of
+    V symbols (one per head) summed in place. One gather of `[V, k]` indices would materialise a
+    `[..., V, k]` temporary (1.7 GB for 4 x 128 positions of SmolLM2)."""
+    return sum(jnp.take(symbol_log_probs[..., i, :], table[:, i], axis=-1)
+               for i in range(table.shape[1]))
 
 
 @dataclasses.dataclass(frozen=True)
