@@ -59,6 +59,16 @@ def param(
     return nnx.Param(init(key, tuple(shape), dtype), **{LOGICAL_AXES_KEY: tuple(axes)})
 
 
+def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...] | None:
+    """The logical axis names of a variable's dimensions (None if it has none)."""
+    return variable.get_metadata().get(LOGICAL_AXES_KEY)
+
+
+def like(variable: nnx.Param, value: jax.Array) -> nnx.Param:
+    """A new parameter holding `value`, with `variable`'s logical axes and other metadata."""
+    return nnx.Param(value, **variable.get_metadata())
+
+
 def transposed(variable: nnx.Param, order: Sequence[int]) -> nnx.Param:
     """A new parameter holding `variable`'s value with its dimensions, and their logical axis
     names, put in `order`."""
@@ -91,7 +101,7 @@ def partition_specs(tree, rules=None):
     """PartitionSpecs for every variable of an NNX state/module (scalars and unnamed: replicated)."""
 
     def spec_of(variable):
-        axes = variable.get_metadata().get(LOGICAL_AXES_KEY)
+        axes = logical_axes(variable)
         return PartitionSpec() if axes is None else logical_to_spec(axes, rules)
 
     return jax.tree.map(spec_of, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))

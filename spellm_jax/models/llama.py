@@ -110,11 +110,10 @@ def side_by_side(parts: Sequence[Dense]) -> Dense:
         raise ValueError("side_by_side needs every part with a bias or none with one.")
     fused = nnx.clone(first)
     kernels = [p.merged_kernel() for p in parts]  # a single part without LoRA is not copied
-    fused.kernel = nnx.Param(kernels[0] if len(parts) == 1 else jnp.concatenate(kernels, axis=-1),
-                             **first.kernel.get_metadata())
+    fused.kernel = sharding.like(
+        first.kernel, kernels[0] if len(parts) == 1 else jnp.concatenate(kernels, axis=-1))
     if first.bias is not None and len(parts) > 1:
-        fused.bias = nnx.Param(jnp.concatenate([p.bias[...] for p in parts], axis=-1),
-                               **first.bias.get_metadata())
+        fused.bias = sharding.like(first.bias, jnp.concatenate([p.bias[...] for p in parts], -1))
     fused.lora_a = fused.lora_b = None
     fused.lora_scale = 0.0
     return fused

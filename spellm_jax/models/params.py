@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from spellm_jax import sharding
+
 LAYER_KEY = re.compile(r"^(?P<prefix>.*?layers)/(?P<index>\d+)/(?P<rest>.+)$")
 
 
@@ -91,7 +93,7 @@ def _flat_params(module: nnx.Module) -> dict[str, nnx.Variable]:
 def _stacked_keys(module: nnx.Module) -> set[str]:
     """Flat keys of a module's parameters that carry a leading stacked-layers axis."""
     return {key for key, variable in _flat_params(module).items()
-            if (variable.get_metadata().get("logical_axes") or (None,))[0] == "layers"}
+            if (sharding.logical_axes(variable) or (None,))[0] == "layers"}
 
 
 def model_params(module: nnx.Module, canonical: bool = True) -> dict:
