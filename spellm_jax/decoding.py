@@ -149,15 +149,19 @@ def _feed(graphdef, state, s: DecodeState, ids, mask, eos_ids, *, record: bool) 
                      num_tokens=num_tokens, done=done, needs_host=jnp.zeros_like(s.needs_host))
 
 
+def _active(s: DecodeState, max_new_tokens: int) -> jax.Array:
+    """Rows `[B]` still generating: no EOS yet and fewer than `max_new_tokens` tokens."""
+    return ~s.done & (s.num_tokens < max_new_tokens)
+
+
 def _choose(model, rule: OutputRule, s: DecodeState, max_new_tokens: int) -> DecodeState:
     """Every row's next token from its hidden state, held in `step_tokens` / `step_rows` until it
     is fed; active rows whose string is not one token are marked for the host."""
     key, step_key = jax.random.split(s.key)
     token, rows = rule(model, s.hidden, step_key)
-    active = ~s.done & (s.num_tokens < max_new_tokens)
     return s.replace(step_tokens=token,
                      step_rows=s.step_rows if rows is None else rows.astype(jnp.int32),
-                     needs_host=active & (token < 0), key=key)
+                     needs_host=_active(s, max_new_tokens) & (token < 0), key=key)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "rule", "max_new_tokens"),
@@ -173,13 +177,11 @@ def _loop(graphdef, state, s: DecodeState, eos_ids, *, rule, max_new_tokens: int
     capacity = s.key_valid.shape[1]
 
     def cond(s: DecodeState):
-        active = ~s.done & (s.num_tokens < max_new_tokens)
-        return jnp.any(active) & ~jnp.any(s.needs_host) & (s.slot < capacity)
+        return jnp.any(_active(s, max_new_tokens)) & ~jnp.any(s.needs_host) & (s.slot < capacity)
 
     def body(s: DecodeState):
-        active = ~s.done & (s.num_tokens < max_new_tokens)
-        s = _feed.__wrapped__(graphdef, state, s, s.step_tokens[:, None], active[:, None],
-                              eos_ids, record=True)
+        s = _feed.__wrapped__(graphdef, state, s, s.step_tokens[:, None],
+                              _active(s, max_new_tokens)[:, None], eos_ids, record=True)
         return _choose(model, rule, s, max_new_tokens)
 
     return jax.lax.while_loop(cond, body, _choose(model, rule, s, max_new_tokens))
@@ -193,7 +195,7 @@ def _host_chunk(s: DecodeState, max_new_tokens: int, spelling, tokenizer, pad_id
         raise ValueError("a decoding rule emitted a string that is not one token; pass the "
                          "spelling table (and tokenizer) to generate() to map it to input ids.")
     tokens, rows = np.asarray(s.step_tokens), np.asarray(s.step_rows)
-    active = ~np.asarray(s.done) & (np.asarray(s.num_tokens) < max_new_tokens)
+    active = np.asarray(_active(s, max_new_tokens))
     pending: list[list[int]] = []
     for row in range(len(tokens)):
         if not active[row]:
@@ -264,7 +266,7 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens
     while True:
         s = _loop(graphdef, state, s, eos, rule=rule, max_new_tokens=max_new_tokens)
         if not bool(jnp.any(s.needs_host)):
-            if not bool(jnp.any(~s.done & (s.num_tokens < max_new_tokens))):
+            if not bool(jnp.any(_active(s, max_new_tokens))):
                 break
             s = _grow(s, max_new_tokens)  # host chunks (padded to the widest row) filled the cache
             stats["cache_growths"] += 1
