@@ -20,12 +20,14 @@ PERCENT = ("acc",)  # metrics shown as percentages (by prefix)
 
 
 def _format(name: str, value: float, stderr: float | None = None, signed: bool = False) -> str:
-    percent = name.startswith(PERCENT)
-    scale, unit, digits = (100, "", 1) if percent else (1, "", 3 if name == "bits_per_byte" else 2)
     sign = "+" if signed else ""
-    text = f"{value * scale:{sign}.{digits}f}{unit}"
+    if name.startswith(PERCENT):
+        spec, scale = ".1f", 100
+    else:  # perplexities of a weak model run into the billions
+        spec, scale = (".3f" if name == "bits_per_byte" else ".4g"), 1
+    text = f"{value * scale:{sign}{spec}}"
     if stderr is not None:
-        text += f" ± {stderr * scale:.{digits}f}"
+        text += f" ± {stderr * scale:{spec}}"
     return text
 
 
