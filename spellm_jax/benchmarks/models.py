@@ -9,6 +9,7 @@ from typing import Any
 from flax import nnx
 
 from spellm_jax.benchmarks.scoring import JaxBackend
+from spellm_jax.charset import SpellingTable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +20,7 @@ class RunModels:
     teacher: nnx.Module
     spellm: nnx.Module
     tokenizer: Any
+    spelling: SpellingTable
     source: str
 
     def backends(self) -> dict[str, JaxBackend]:
@@ -41,7 +43,7 @@ def load_run(source: str | Path) -> RunModels:
 
     config = ml_collections.ConfigDict(run_metadata(source)["config"])
     teacher = load_teacher(config)
-    spellm, tokenizer, _ = load_spellm(source, teacher=teacher)
+    spellm, tokenizer, spelling = load_spellm(source, teacher=teacher)
     teacher_model = build_model(teacher.config, RuntimeOptions(), teacher.params, teacher.source)
     return RunModels(fused_for_inference(teacher_model), fused_for_inference(spellm), tokenizer,
-                     str(source))
+                     spelling, str(source))
