@@ -64,6 +64,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.eval_prompts = 32  # held-out prompts for greedy-continuation agreement
     config.data.eval_new_tokens = 32
 
+    # A small downstream-benchmark subset scored at every evaluation (spellm_jax.benchmarks);
+    # off on CPU presets (minutes per evaluation there), on in the pod presets.
+    config.benchmark = ml_collections.ConfigDict()
+    config.benchmark.enabled = False
+    config.benchmark.tasks = ("lambada", "hellaswag", "arc_easy", "piqa", "winogrande")
+    config.benchmark.limit = 200  # first documents of each task
+    config.benchmark.batch_size = 16
+
     config.mesh = ml_collections.ConfigDict()
     config.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one entry may be -1
     config.distributed = False  # call jax.distributed.initialize() (multi-host TPU pods)

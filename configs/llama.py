@@ -33,6 +33,9 @@ def _pod(config, teacher: str, mesh: tuple[int, int, int], batch: int) -> None:
     config.data.prompt_tokens = 32
     config.data.generation_batch = 256
     config.checkpoint.save_every = 1000
+    config.benchmark.enabled = True
+    config.benchmark.limit = 500
+    config.benchmark.batch_size = 64
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

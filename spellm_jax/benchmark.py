@@ -40,7 +40,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("pass exactly one of --workdir, --checkpoint and --export.")
     if FLAGS.export and not FLAGS.out:
         raise app.UsageError("--export needs --out (an export directory is not written into).")
-    tasks = check_task_names(FLAGS.tasks)
+    try:
+        tasks = check_task_names(FLAGS.tasks)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
     source = sources[0]
     start = time.perf_counter()
     if FLAGS.export:

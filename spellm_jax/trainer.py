@@ -220,6 +220,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, stop_after: int 
     batch_sharding, step_fn = setup.batch_sharding, setup.step_fn
     teacher_model = nnx.merge(graphdef, teacher_params, rest)
     eval_set = _eval_sequences(teacher_model, dataset, config)
+    benchmark = None
+    if config.benchmark.enabled:
+        from spellm_jax.benchmarks.in_training import TrainingBenchmark
+
+        benchmark = TrainingBenchmark(config.benchmark, teacher_model, tokenizer)
     writer = MetricsWriter(workdir)
     preempted = Preempted()
     progress = _progress(start_step, config.train.steps)
@@ -249,6 +254,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, stop_after: int 
             if step % config.train.eval_every == 0 or step == last_step:
                 evaluation = _evaluate(graphdef, state["params"], rest, eval_set)
                 writer.write(step, {f"heldout/{k}": v for k, v in evaluation.items()})
+                if benchmark is not None:
+                    scores = benchmark(nnx.merge(graphdef, state["params"], rest))
+                    writer.write(step, {f"benchmark/{k}": v for k, v in scores.items()})
                 summary |= evaluation
             checkpoints.save(step, state, iterator.get_state(), metadata,
                              force=step == last_step or preempted.requested)

@@ -2,16 +2,43 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from spellm_jax.benchmarks import metrics
-from spellm_jax.benchmarks.scoring import DEFAULT_BATCH, Backend, encode_pair, score_pairs
-from spellm_jax.benchmarks.tasks import check_task_names, load_task, task_spec
+from spellm_jax.benchmarks.scoring import DEFAULT_BATCH, Backend, Pair, encode_pair, score_pairs
+from spellm_jax.benchmarks.tasks import Item, TaskSpec, check_task_names, load_task, task_spec
 
 DEFAULT_TASKS = ("lambada", "hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedTask:
+    """A task's documents and their tokenized requests, in order."""
+
+    spec: TaskSpec
+    items: list[Item]
+    pairs: list[Pair]
+
+
+def prepare_task(name: str, tokenizer: Any, limit: int | None = None, root: Path | None = None
+                 ) -> PreparedTask:
+    items = load_task(name, limit, root)
+    pairs = [encode_pair(tokenizer, context, continuation)
+             for item in items for context, continuation in item.requests]
+    return PreparedTask(task_spec(name), items, pairs)
+
+
+def score_task(task: PreparedTask, backend: Backend, batch_size: int = DEFAULT_BATCH,
+               max_length: int = 2048, progress: str | None = None) -> dict[str, np.ndarray]:
+    """Per-document values of one model on a task (see `metrics.per_document`)."""
+    scores = score_pairs(backend, task.pairs, batch_size, max_length, progress)
+    return metrics.per_document(task.spec, task.items, scores, backend.modes)
 
 
 def run_tasks(backends: Mapping[str, Backend], tokenizer: Any, tasks: Sequence[str] = DEFAULT_TASKS,
@@ -24,22 +51,19 @@ def run_tasks(backends: Mapping[str, Backend], tokenizer: Any, tasks: Sequence[s
     names = list(backends)
     results: dict[str, Any] = {"models": names, "limit": limit, "batch_size": batch_size,
                                "tasks": {}}
-    for task in tasks:
-        spec = task_spec(task)
-        items = load_task(task, limit, root)
-        pairs = [encode_pair(tokenizer, context, continuation)
-                 for item in items for context, continuation in item.requests]
-        values, entry = {}, {"kind": spec.kind, "split": spec.split, "variant": spec.variant,
-                             "documents": len(items), "requests": len(pairs),
-                             "continuation_tokens": sum(len(p.continuation) for p in pairs),
+    for name in tasks:
+        task = prepare_task(name, tokenizer, limit, root)
+        values, entry = {}, {"kind": task.spec.kind, "split": task.spec.split,
+                             "variant": task.spec.variant, "documents": len(task.items),
+                             "requests": len(task.pairs),
+                             "continuation_tokens": sum(len(p.continuation) for p in task.pairs),
                              "models": {}, "seconds": {}}
-        for name, backend in backends.items():
+        for model, backend in backends.items():
             start = time.perf_counter()
-            scores = score_pairs(backend, pairs, batch_size, max_length,
-                                 progress=f"{task}: {name}" if progress else None)
-            entry["seconds"][name] = time.perf_counter() - start
-            values[name] = metrics.per_document(spec, items, scores, backend.modes)
-            entry["models"][name] = metrics.summary(values[name])
-        entry["gaps"] = {name: metrics.gaps(values[name], values[names[0]]) for name in names[1:]}
-        results["tasks"][task] = entry
+            values[model] = score_task(task, backend, batch_size, max_length,
+                                       f"{name}: {model}" if progress else None)
+            entry["seconds"][model] = time.perf_counter() - start
+            entry["models"][model] = metrics.summary(values[model])
+        entry["gaps"] = {model: metrics.gaps(values[model], values[names[0]]) for model in names[1:]}
+        results["tasks"][name] = entry
     return results
