@@ -3,8 +3,10 @@ log-probabilities (JAX and PyTorch), the command and the in-training subset on a
 asset pin; and the real teacher against transformers on 200 LAMBADA and HellaSwag documents."""
 
 import dataclasses
+import functools
 import gzip
 import json
+import os
 import subprocess
 import sys
 
@@ -12,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from spellm_jax import assets, trainer
 from spellm_jax.benchmarks import metrics
@@ -109,41 +112,61 @@ def test_encode_pair_splits_where_the_harness_does(tiny_models):
     assert encode_pair(tokenizer, "", "Hello").context == (tokenizer.eos_token_id,)
 
 
+STEP_LENGTH = 48  # every prefix is right-padded to this, so one compiled forward serves all
+
+
+@functools.partial(nnx.jit, static_argnames=("spellm",))
+def _last_position(model, ids, length, spellm):
+    """Log-probabilities `[V]` of the next token after `ids[:length]` (causal: the padding after
+    it is never attended to), and the free and greedy choices there."""
+    hidden, _ = model.model(ids[None])
+    last = hidden[0, length - 1]
+    if not spellm:
+        log_probs = jax.nn.log_softmax(model.lm_logits(last))
+        return log_probs, {"lm_head": jnp.argmax(log_probs)}
+    char_logits = model.char_logits(last)
+    log_probs = jax.nn.log_softmax(model.vocab_log_scores(char_logits))
+    return log_probs, {"vocab": jnp.argmax(log_probs),
+                       "free": model.lookup_tokens(jnp.argmax(char_logits, -1))}
+
+
 def _step_by_step(model, pair, spellm):
-    """Log-probability of the continuation and greedy hits, one full forward per token."""
-    total, hits = 0.0, {"lm_head": [], "vocab": [], "free": []}
+    """Log-probability of the continuation and greedy hits, one forward per token."""
+    total, hits = 0.0, {}
     for j, target in enumerate(pair.continuation):
-        hidden, _ = model.model(jnp.asarray([pair.context + pair.continuation[:j]]))
-        last = hidden[0, -1]
-        if spellm:
-            char_logits = model.char_logits(last)
-            log_probs = jax.nn.log_softmax(model.vocab_log_scores(char_logits))
-            free = model.lookup_tokens(jnp.argmax(char_logits, -1))  # the string's token
-            hits["free"].append(int(free) == target)
-            hits["vocab"].append(int(jnp.argmax(log_probs)) == target)
-        else:
-            log_probs = jax.nn.log_softmax(model.lm_logits(last))
-            hits["lm_head"].append(int(jnp.argmax(log_probs)) == target)
+        prefix = [*pair.context, *pair.continuation[:j]]
+        ids = np.zeros(STEP_LENGTH, np.int32)
+        ids[:len(prefix)] = prefix
+        log_probs, chosen = _last_position(model, jnp.asarray(ids), len(prefix), spellm)
         total += float(log_probs[target])
-    return total, {mode: all(h) for mode, h in hits.items() if h}
+        for mode, token in chosen.items():
+            hits[mode] = hits.get(mode, True) and int(token) == target
+    return total, hits
 
 
 @pytest.mark.parametrize("which", ["teacher", "spellm"])
 def test_scorer_log_likelihood_equals_one_step_at_a_time(tiny_models, which):
     tokenizer = tiny_models.tokenizer
     model = getattr(tiny_models, which)
-    mode = "lm_head" if which == "teacher" else "vocab"
+    spellm = which == "spellm"
     prompts = [tokenizer(t)["input_ids"] for t in TEXTS]
-    own = generate_ids(tiny_models, mode, prompts[:2], 5)  # the model's own greedy choices
+    mode = "vocab" if spellm else "lm_head"
+    own = generate_ids(tiny_models, mode, prompts[:2], 4)  # the model's own greedy choices
     pairs = [Pair(tuple(p), tuple(c)) for p, c in zip(prompts[:2], own, strict=True)]
-    pairs += [encode_pair(tokenizer, t, " and then the end came quickly.") for t in TEXTS[2:]]
-    backend = JaxBackend.teacher(model) if which == "teacher" else JaxBackend.spellm(model)
+    pairs += [encode_pair(tokenizer, t, " and then it ended.") for t in TEXTS[2:]]
+    if spellm:  # the strings free decoding emits after each prompt, where they are one token
+        pairs += [Pair(tuple(p), (t,)) for p in prompts
+                  if (t := int(_last_position(model, jnp.asarray(np.pad(p, (0, STEP_LENGTH - len(p)))),
+                                              len(p), True)[1]["free"])) >= 0]
+    backend = JaxBackend.spellm(model) if spellm else JaxBackend.teacher(model)
     scores = score_pairs(backend, pairs, batch_size=3)  # a padded last batch, two shapes
     for n, pair in enumerate(pairs):
-        log_prob, greedy = _step_by_step(model, pair, which == "spellm")
+        log_prob, greedy = _step_by_step(model, pair, spellm)
         assert scores.log_prob[n] == pytest.approx(log_prob, abs=1e-4)
         assert {m: bool(scores.greedy[m][n]) for m in greedy} == greedy
     assert scores.greedy[mode][:2].all()
+    if spellm:
+        assert len(pairs) > 4 and scores.greedy["free"][4:].all()
 
 
 def test_pytorch_backend_matches_the_jax_backend(tiny_run, tiny_models, tmp_path):
@@ -154,7 +177,7 @@ def test_pytorch_backend_matches_the_jax_backend(tiny_run, tiny_models, tmp_path
     spellm, tokenizer, spelling = trainer.load_spellm(tiny_run)
     out = export_spellm(spellm, tokenizer, spelling, tmp_path / "export", base_model="tiny_random")
     torch_spellm = TorchSpeLLM.from_pretrained(out)
-    own = generate_ids(tiny_models, "free", [tokenizer(TEXTS[0])["input_ids"]], 4)[0]
+    own = generate_ids(tiny_models, "vocab", [tokenizer(TEXTS[0])["input_ids"]], 4)[0]
     pairs = [encode_pair(tokenizer, t, " it was not.") for t in TEXTS]
     pairs.append(Pair(tuple(tokenizer(TEXTS[0])["input_ids"]), tuple(own)))
     for jax_backend, torch_backend in [
@@ -165,9 +188,8 @@ def test_pytorch_backend_matches_the_jax_backend(tiny_run, tiny_models, tmp_path
         np.testing.assert_allclose(got.log_prob, expected.log_prob, atol=1e-4)
         for mode in jax_backend.modes:
             assert got.greedy[mode].tolist() == expected.greedy[mode].tolist(), mode
-    assert expected.greedy["lm_head"].dtype == bool
-    spellm_scores = score_pairs(TorchBackend(torch_spellm, spellm=True), pairs[-1:])
-    assert own and spellm_scores.greedy["free"].all()  # its own free choices are free hits
+        if "vocab" in jax_backend.modes:  # its own greedy choices are hits
+            assert got.greedy["vocab"][-1]
 
 
 def test_benchmark_command_and_in_training_subset(tiny_run, tmp_path):
@@ -233,3 +255,83 @@ def test_teacher_matches_transformers_on_200_lambada_and_hellaswag_documents(
                   for backend in (ours, reference)]
         assert abs(counts[0] - counts[1]) <= 1, (task, counts)
         assert counts[1] > 200 * (0.25 if task == "hellaswag" else 0.05), (task, counts)
+
+
+HARNESS_DOCS = [
+    {"question": "The sky on a clear day is", "choices": ["blue", "green", "a kind of cheese"],
+     "gold": 0, "text": "The sky is blue. Grass is green."},
+    {"question": "Two plus two makes", "choices": ["four", "seven"], "gold": 0,
+     "text": "Once upon a time, there was a little girl."},
+    {"question": "Water freezes into", "choices": ["steam", "ice", "sand"], "gold": 1,
+     "text": "To be, or not to be, that is the question."},
+]
+HARNESS_TASKS = {
+    "toy_mc": {"output_type": "multiple_choice", "doc_to_text": "{{question}}",
+               "doc_to_choice": "{{choices}}", "doc_to_target": "{{gold}}",
+               "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]},
+    "toy_rolling": {"output_type": "loglikelihood_rolling", "doc_to_text": "",
+                    "doc_to_target": "{{text}}", "metric_list": [{"metric": "bits_per_byte"}]},
+    "toy_gen": {"output_type": "generate_until", "doc_to_text": "{{question}}",
+                "doc_to_target": "{{choices[gold]}}",
+                "generation_kwargs": {"until": [".", " the"], "max_gen_toks": 12},
+                "metric_list": [{"metric": "exact_match"}]},
+}
+
+
+def _harness_tasks(root):
+    """lm-eval task files reading local JSON lines (no hub)."""
+    data = root / "docs.jsonl"
+    data.write_text("".join(json.dumps(doc) + "\n" for doc in HARNESS_DOCS))
+    for name, fields in HARNESS_TASKS.items():
+        task = {"task": name, "dataset_path": "json", "test_split": "train",
+                "dataset_kwargs": {"data_files": {"train": str(data)}}, **fields}
+        (root / f"{name}.yaml").write_text(json.dumps(task))  # JSON is YAML
+    return root
+
+
+def test_harness_model_runs_local_data_tasks_end_to_end(tiny_run, tiny_models, tmp_path,
+                                                        monkeypatch):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from spellm_jax.benchmarks.harness import SpeLLMHarnessModel, cut_at_stop
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    root = _harness_tasks(tmp_path)
+    model = SpeLLMHarnessModel(run=tiny_models, mode="vocab", batch_size="4")
+    out = simple_evaluate(model=model, tasks=list(HARNESS_TASKS), log_samples=True,
+                          task_manager=TaskManager(include_path=str(root)))
+    results, samples = out["results"], out["samples"]
+
+    tokenizer = tiny_models.tokenizer
+    items = [Item(n, tuple((d["question"], " " + c) for c in d["choices"]), d["gold"])
+             for n, d in enumerate(HARNESS_DOCS)]
+    pairs = [encode_pair(tokenizer, c, x) for item in items for c, x in item.requests]
+    ours = metrics.per_document(TaskSpec("toy_mc", "", "", "multiple_choice"), items,
+                                score_pairs(JaxBackend.spellm(tiny_models.spellm), pairs), ())
+    assert results["toy_mc"]["acc,none"] == pytest.approx(ours["acc"].mean())
+    assert results["toy_mc"]["acc_norm,none"] == pytest.approx(ours["acc_norm"].mean())
+
+    texts = [d["text"] for d in HARNESS_DOCS]
+    whole = [Pair((tokenizer.eos_token_id,), tuple(tokenizer(t)["input_ids"])) for t in texts]
+    log_prob = score_pairs(JaxBackend.spellm(tiny_models.spellm), whole).log_prob.sum()
+    num_bytes = sum(len(t.encode()) for t in texts)
+    assert results["toy_rolling"]["bits_per_byte,none"] == pytest.approx(
+        -log_prob / np.log(2) / num_bytes, rel=1e-5)
+
+    prompts = [tokenizer(d["question"])["input_ids"] for d in HARNESS_DOCS]
+    generated = [cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), [".", " the"])
+                 for ids in generate_ids(tiny_models, "vocab", prompts, 12)]
+    answers = [sample["resps"][0][0] for sample in sorted(samples["toy_gen"],
+                                                          key=lambda s: s["doc_id"])]
+    assert answers == generated and not any("." in a or " the" in a for a in answers)
+
+    command = [sys.executable, "-m", "spellm_jax.benchmarks.harness", "--model", "spellm_jax",
+               "--model_args", f"workdir={tiny_run},mode=free", "--tasks", "toy_mc",
+               "--include_path", str(root), "--limit", "2"]
+    result = subprocess.run(command, capture_output=True, text=True,
+                            env={**os.environ, "HF_DATASETS_OFFLINE": "1",
+                                 "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "toy_mc" in result.stdout and "acc_norm" in result.stdout
