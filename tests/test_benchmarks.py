@@ -314,13 +314,14 @@ def test_harness_model_runs_local_data_tasks_end_to_end(tiny_run, tiny_models, t
     assert results["toy_mc"]["acc_norm,none"] == pytest.approx(ours["acc_norm"].mean())
 
     texts = [d["text"] for d in HARNESS_DOCS]
-    whole = [Pair((tokenizer.eos_token_id,), tuple(tokenizer(t)["input_ids"])) for t in texts]
+    whole = [Pair((tokenizer.eos_token_id,), tuple(tokenizer(t, add_special_tokens=False)["input_ids"]))
+             for t in texts]
     log_prob = score_pairs(JaxBackend.spellm(tiny_models.spellm), whole).log_prob.sum()
     num_bytes = sum(len(t.encode()) for t in texts)
     assert results["toy_rolling"]["bits_per_byte,none"] == pytest.approx(
         -log_prob / np.log(2) / num_bytes, rel=1e-5)
 
-    prompts = [tokenizer(d["question"])["input_ids"] for d in HARNESS_DOCS]
+    prompts = [tokenizer(d["question"], add_special_tokens=False)["input_ids"] for d in HARNESS_DOCS]
     generated = [cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), [".", " the"])
                  for ids in generate_ids(tiny_models, "vocab", prompts, 12)]
     answers = [sample["resps"][0][0] for sample in sorted(samples["toy_gen"],
