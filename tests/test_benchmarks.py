@@ -21,7 +21,14 @@ from spellm_jax.benchmarks import metrics
 from spellm_jax.benchmarks.harness import generate_ids
 from spellm_jax.benchmarks.models import load_run
 from spellm_jax.benchmarks.runner import PreparedTask
-from spellm_jax.benchmarks.scoring import JaxBackend, Pair, Scores, encode_pair, score_pairs
+from spellm_jax.benchmarks.scoring import (
+    JaxBackend,
+    Pair,
+    Scores,
+    encode_pair,
+    score_pairs,
+    spells_target,
+)
 from spellm_jax.benchmarks.tasks import Item, TaskSpec, load_task, read_items, task_spec
 from tests.test_distill import tiny_config
 
@@ -31,11 +38,11 @@ TEXTS = ["The quick brown fox jumps over the lazy", "To be, or not to be, that i
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A 2-step tiny run with the in-training benchmark on (2 documents of two tasks)."""
+    """A 2-step tiny run with the in-training benchmark on (2 LAMBADA documents)."""
     workdir = tmp_path_factory.mktemp("bench") / "run"
     trainer.run(tiny_config(**{"train.steps": 2, "train.eval_every": 2, "benchmark.enabled": True,
-                               "benchmark.tasks": ("lambada", "winogrande"),
-                               "benchmark.limit": 2}), workdir)
+                               "benchmark.tasks": ("lambada",), "benchmark.limit": 2}),
+                workdir)
     return workdir
 
 
@@ -154,10 +161,6 @@ def test_scorer_log_likelihood_equals_one_step_at_a_time(tiny_models, which):
     own = generate_ids(tiny_models, mode, prompts[:2], 4)  # the model's own greedy choices
     pairs = [Pair(tuple(p), tuple(c)) for p, c in zip(prompts[:2], own, strict=True)]
     pairs += [encode_pair(tokenizer, t, " and then it ended.") for t in TEXTS[2:]]
-    if spellm:  # the strings free decoding emits after each prompt, where they are one token
-        pairs += [Pair(tuple(p), (t,)) for p in prompts
-                  if (t := int(_last_position(model, jnp.asarray(np.pad(p, (0, STEP_LENGTH - len(p)))),
-                                              len(p), True)[1]["free"])) >= 0]
     backend = JaxBackend.spellm(model) if spellm else JaxBackend.teacher(model)
     scores = score_pairs(backend, pairs, batch_size=3)  # a padded last batch, two shapes
     for n, pair in enumerate(pairs):
@@ -165,8 +168,29 @@ def test_scorer_log_likelihood_equals_one_step_at_a_time(tiny_models, which):
         assert scores.log_prob[n] == pytest.approx(log_prob, abs=1e-4)
         assert {m: bool(scores.greedy[m][n]) for m in greedy} == greedy
     assert scores.greedy[mode][:2].all()
-    if spellm:
-        assert len(pairs) > 4 and scores.greedy["free"][4:].all()
+
+
+def test_a_free_hit_is_the_exact_spelling_of_the_target():
+    from spellm_jax.charset import SpellingTable
+    from spellm_jax.tokenizers import load_tokenizer
+
+    spelling = SpellingTable.from_tokenizer(load_tokenizer("smollm2"), 16)
+    table, lengths = jnp.asarray(spelling.table), jnp.asarray(spelling.lengths)
+    k, pad = spelling.k, spelling.pad_symbol
+    short = int(np.flatnonzero((spelling.lengths == 3) & spelling.canonical)[0])
+    long = int(np.flatnonzero(spelling.lengths > k)[0])
+    row = np.asarray(spelling.table[short])
+    after_pad = row.copy()
+    after_pad[4:] = 7  # symbols after the first PAD are not part of the string
+    no_pad = row.copy()
+    no_pad[3] = row[0]  # the string goes on past the token
+    wrong = row.copy()
+    wrong[1] = (row[1] + 1) % 256
+    rows = jnp.asarray(np.stack([row, after_pad, no_pad, wrong, spelling.table[long]]))
+    targets = jnp.asarray([short, short, short, short, long])
+    assert row[3] == pad
+    assert spells_target(rows, table, lengths, targets).tolist() == [True, True, False, False,
+                                                                   False]
 
 
 def test_pytorch_backend_matches_the_jax_backend(tiny_run, tiny_models, tmp_path):
@@ -197,24 +221,24 @@ def test_benchmark_command_and_in_training_subset(tiny_run, tmp_path):
     scores = next(line for line in logged if "benchmark/lambada/acc" in line)
     assert scores["step"] == 2
     for key in ("lambada/acc", "lambada/acc_free", "lambada/teacher_acc", "lambada/perplexity",
-                "winogrande/acc", "winogrande/teacher_acc"):
+                "lambada/teacher_bits_per_byte"):
         assert 0 <= scores[f"benchmark/{key}"] < np.inf, key
 
     command = [sys.executable, "-m", "spellm_jax.benchmark", f"--workdir={tiny_run}",
-               "--tasks=lambada,arc_easy", "--limit=3", f"--out={tmp_path / 'out'}"]
+               "--tasks=lambada,arc_easy", "--limit=2", f"--out={tmp_path / 'out'}"]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "out"
     results = json.loads((out / "results.json").read_text())
     assert results["models"] == ["teacher", "spellm"]
     arc = results["tasks"]["arc_easy"]
-    assert arc["documents"] == 3 and arc["requests"] == 12
+    assert arc["documents"] == 2 and arc["requests"] == 8
     assert set(arc["models"]["spellm"]) == {"acc", "acc_norm"}
     assert set(results["tasks"]["lambada"]["models"]["spellm"]) == {
         "acc", "acc_free", "perplexity", "bits_per_byte"}
     assert set(results["tasks"]["lambada"]["gaps"]["spellm"]) == {
         "acc", "acc_free", "perplexity", "bits_per_byte"}
-    assert "| arc_easy | 3 | acc_norm (per character) |" in (out / "summary.md").read_text()
+    assert "| arc_easy | 2 | acc_norm (per character) |" in (out / "summary.md").read_text()
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     bad = subprocess.run([*command[:3], "--tasks=lambada,nope", f"--workdir={tiny_run}"],
@@ -330,7 +354,7 @@ def test_harness_model_runs_local_data_tasks_end_to_end(tiny_run, tiny_models, t
 
     command = [sys.executable, "-m", "spellm_jax.benchmarks.harness", "--model", "spellm_jax",
                "--model_args", f"workdir={tiny_run},mode=free", "--tasks", "toy_mc",
-               "--include_path", str(root), "--limit", "2"]
+               "--include_path", str(root), "--limit", "1"]
     result = subprocess.run(command, capture_output=True, text=True,
                             env={**os.environ, "HF_DATASETS_OFFLINE": "1",
                                  "HF_HUB_OFFLINE": "1"})
