@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import gzip
 import json
-import os
 import subprocess
 import sys
 
@@ -314,7 +313,7 @@ def _harness_tasks(root):
 
 
 def test_harness_model_runs_local_data_tasks_end_to_end(tiny_run, tiny_models, tmp_path,
-                                                        monkeypatch):
+                                                        monkeypatch, capsys):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -352,11 +351,12 @@ def test_harness_model_runs_local_data_tasks_end_to_end(tiny_run, tiny_models, t
                                                           key=lambda s: s["doc_id"])]
     assert answers == generated and not any("." in a or " the" in a for a in answers)
 
-    command = [sys.executable, "-m", "spellm_jax.benchmarks.harness", "--model", "spellm_jax",
-               "--model_args", f"workdir={tiny_run},mode=free", "--tasks", "toy_mc",
-               "--include_path", str(root), "--limit", "1"]
-    result = subprocess.run(command, capture_output=True, text=True,
-                            env={**os.environ, "HF_DATASETS_OFFLINE": "1",
-                                 "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "toy_mc" in result.stdout and "acc_norm" in result.stdout
+    # lm-eval's own command line, through this package's entry point (in process: no second start).
+    from spellm_jax.benchmarks import harness
+
+    monkeypatch.setattr(sys, "argv", [
+        "lm_eval", "--model", "spellm_jax", "--model_args", f"workdir={tiny_run},mode=free",
+        "--tasks", "toy_mc", "--include_path", str(root), "--limit", "1"])
+    harness.main()
+    printed = capsys.readouterr().out
+    assert "toy_mc" in printed and "acc_norm" in printed
