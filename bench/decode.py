@@ -30,14 +30,14 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from spellm_jax import decoding
-from spellm_jax.models.char_heads import HeadsConfig, head_cost
+from spellm_jax import decoding, tokenizers
+from spellm_jax.models.char_decoders import HeadsConfig
+from spellm_jax.models.char_decoders.independent import head_cost
 from spellm_jax.models.config import ModelConfig
+from spellm_jax.spelling import Respeller
 
 PROMPT_TOKENS, NEW_TOKENS, BATCHES = 64, 128, (1, 8)
 RESULTS = Path(__file__).resolve().parent / "results"
-JAX_MODES = {"lm_head": decoding.LMHeadRule(), "free": decoding.FreeRule(),
-             "vocab": decoding.VocabRule()}
 # Public shapes for the FLOPs table; C is the SpeLLM alphabet of each tokenizer (k = 16).
 SHAPES = {
     "SmolLM2-135M": (ModelConfig(49152, 576, 1536, 30, 9, 3, 64, tie_word_embeddings=True), 274),
@@ -61,7 +61,7 @@ def machine() -> str:
 def load(checkpoint: str | None):
     """The SpeLLM to time: a trained checkpoint, else the bundled teacher with untrained heads."""
     if checkpoint:
-        from spellm_jax.trainer import load_spellm
+        from spellm_jax.runs import load_spellm
 
         return (*load_spellm(checkpoint), checkpoint)
     from spellm_jax.pretrained import spellm_from_pretrained
@@ -88,15 +88,14 @@ def decode_timers(model, unfused, reference, tokenizer, spelling, prompts
 
     def jax_timer(rule, model=model):
         def run(n: int) -> dict:
-            stats: dict = {}
             start = time.perf_counter()
-            out = decoding.generate(model, prompts, n, rule, spelling=spelling, tokenizer=tokenizer,
-                                    stats=stats)
-            return stats | {"seconds": time.perf_counter() - start,
-                            "tokens": sum(min(len(o), n) for o in out)}
+            out = decoding.generate(model, prompts, n, rule)
+            return {"seconds": time.perf_counter() - start, "host_round_trips": out.host_round_trips,
+                    "tokens": sum(min(len(o), n) for o in out.tokens)}
         return run
 
-    ids, mask = decoding.left_pad(prompts, tokenizer.pad_token_id or 0, bucket=1)
+    pad_id = tokenizers.pad_id(tokenizer)
+    ids, mask = decoding.left_pad(prompts, pad_id, bucket=1)
 
     def torch_run(n: int) -> dict:
         start = time.perf_counter()
@@ -104,10 +103,12 @@ def decode_timers(model, unfused, reference, tokenizer, spelling, prompts
             out = reference.generate(torch.as_tensor(ids, dtype=torch.long),
                                      attention_mask=torch.as_tensor(mask, dtype=torch.long),
                                      max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id or 0)
+                                     pad_token_id=pad_id)
         return {"seconds": time.perf_counter() - start, "tokens": (out.shape[1] - ids.shape[1]) * len(ids)}
 
-    timers = {name: jax_timer(rule) for name, rule in JAX_MODES.items()}
+    respeller = Respeller(spelling, tokenizer)
+    timers = {mode: jax_timer(decoding.rule_for(mode, respeller=respeller))
+              for mode in decoding.MODES}
     if unfused is not None:
         timers["lm_head_unfused"] = jax_timer(decoding.LMHeadRule(), unfused)
     return timers | {"torch": torch_run}
@@ -150,8 +151,8 @@ def time_heads(model, batch: int, iterations: int = 200) -> dict:
     hidden = jax.random.normal(jax.random.key(0), (batch, model.config.hidden_size))
     functions = {
         "lm_head": jax.jit(lambda h: jnp.argmax(model.lm_logits(h), axis=-1)),
-        "free": jax.jit(lambda h: model.lookup_tokens(jnp.argmax(model.char_logits(h), axis=-1))),
-        "vocab": jax.jit(lambda h: jnp.argmax(model.vocab_log_scores(model.char_logits(h)), -1)),
+        "free": jax.jit(lambda h: model.spelling.lookup(model.char_heads.choose(h, model.spelling))),
+        "vocab": jax.jit(lambda h: jnp.argmax(model.char_heads.vocab_scores(h, model.spelling), -1)),
     }
     timings: dict[str, list[float]] = {name: [] for name in functions}
     for fn in functions.values():

@@ -34,6 +34,8 @@ _ROWS = (  # (key, label, format)
     ("ceiling_free_agreement", "independence ceiling (exact marginals), free", "{:.1%}"),
     ("ceiling_vocab_agreement", "independence ceiling, vocabulary-constrained", "{:.1%}"),
     ("exact_token_accuracy", "exact-token accuracy (all k symbols right)", "{:.1%}"),
+    ("representable_share", "teacher tokens the table spells as one token (free ceiling)",
+     "{:.1%}"),
     ("spellm_bits_per_byte", "SpeLLM bits per byte (renormalised over the vocabulary)", "{:.3f}"),
     ("teacher_bits_per_byte", "teacher bits per byte", "{:.3f}"),
     ("one_token_share", "emitted strings that are one token", "{:.1%}"),
@@ -108,7 +110,8 @@ def main(argv: list[str]) -> None:
     from spellm_jax.evaluation import EvalSettings, evaluate
     from spellm_jax.models.llama import RuntimeOptions, fused_for_inference
     from spellm_jax.pretrained import build_model
-    from spellm_jax.trainer import load_spellm, load_teacher, run_metadata
+    from spellm_jax.runs import load_spellm, load_teacher, run_metadata
+    from spellm_jax.spelling import Respeller
 
     if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
         raise app.UsageError("pass exactly one of --workdir and --checkpoint.")
@@ -125,7 +128,7 @@ def main(argv: list[str]) -> None:
         prompt_tokens=config.data.prompt_tokens, real_text_rows=FLAGS.real_text_rows,
         last_word_items=FLAGS.last_word_items, ceiling_ks=tuple(map(int, FLAGS.ceiling_ks)),
         seed=config.seed)
-    metrics = evaluate(model, teacher_model, tokenizer, spelling, settings)
+    metrics = evaluate(model, teacher_model, Respeller(spelling, tokenizer), settings)
     metrics["source"] = str(Path(source).resolve())
     out = Path(FLAGS.out or Path(FLAGS.workdir or Path(source).parent.parent) / "eval")
     out.mkdir(parents=True, exist_ok=True)

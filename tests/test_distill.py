@@ -7,9 +7,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from configs import llama as llama_configs
-from spellm_jax import sharding, trainer
-from spellm_jax.charset import SpellingTable
-from spellm_jax.models.char_heads import HeadsConfig
+from spellm_jax import runs, sharding, trainer
+from spellm_jax.models.char_decoders import HeadsConfig
+from spellm_jax.spelling import SpellingTable
 
 MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2)]
 
@@ -28,7 +28,7 @@ def tiny_config(**overrides):
 @pytest.fixture(scope="module")
 def tiny_teacher():
     config = tiny_config()
-    teacher = trainer.load_teacher(config)
+    teacher = runs.load_teacher(config)
     spelling = SpellingTable.from_tokenizer(teacher.tokenizer, 8, teacher.config.vocab_size)
     heads = HeadsConfig(k=8, num_symbols=spelling.num_symbols)
     return teacher, spelling, heads

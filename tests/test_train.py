@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import llama as llama_configs
-from spellm_jax import sharding, trainer
+from spellm_jax import runs, sharding, trainer
 from spellm_jax.checkpointing import TrainCheckpoints
 from spellm_jax.errors import ConfigError
 from tests.test_distill import tiny_config
@@ -84,12 +84,12 @@ def test_resumed_run_equals_uninterrupted_run_bitwise(tmp_path):
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
     config = tiny_config(**{"train.steps": 2, "mesh.shape": (8, 1, 1), "train.eval_every": 100})
     trainer.run(config, tmp_path)
-    teacher = trainer.load_teacher(config)
-    from spellm_jax.charset import SpellingTable
-    from spellm_jax.models.char_heads import HeadsConfig
+    teacher = runs.load_teacher(config)
+    from spellm_jax.models.char_decoders import HeadsConfig
+    from spellm_jax.spelling import SPELLING_FILE, SpellingTable
 
-    spelling = SpellingTable.load(tmp_path / trainer.SPELLING_FILE)
-    metadata = json.loads((tmp_path / trainer.METADATA_FILE).read_text())
+    spelling = SpellingTable.load(tmp_path / SPELLING_FILE)
+    metadata = json.loads((tmp_path / runs.METADATA_FILE).read_text())
     heads = HeadsConfig(**metadata["heads_config"])
     restored = {}
     for shape in [(8, 1, 1), (2, 2, 2)]:
@@ -121,7 +121,7 @@ def test_sigterm_mid_run_leaves_a_restorable_checkpoint(tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
     assert "stopped by SIGTERM" in stderr
-    model, _, spelling = trainer.load_spellm(tmp_path)
+    model, _, spelling = runs.load_spellm(tmp_path)
     latest = TrainCheckpoints(tmp_path, keep=3, save_every=1).latest_step()
     assert latest >= 3
     assert model.char_heads.kernel[...].shape[0] == spelling.k
@@ -133,8 +133,8 @@ def test_run_files_work_on_a_gs_workdir(monkeypatch):
     from etils import epath
     from fsspec.implementations.memory import MemoryFileSystem
 
-    from spellm_jax.charset import SpellingTable
-    from spellm_jax.checkpointing import as_path
+    from spellm_jax.paths import as_path
+    from spellm_jax.spelling import SPELLING_FILE, SpellingTable
 
     if importlib.util.find_spec("gcsfs") is None:  # as on this CPU machine: a clear refusal
         with pytest.raises(FileNotFoundError, match="pip install gcsfs"):
@@ -145,9 +145,9 @@ def test_run_files_work_on_a_gs_workdir(monkeypatch):
     workdir.mkdir(parents=True, exist_ok=True)
     spelling = SpellingTable(kind="byte_level", k=4, vocab_size=3, spellings=(b"a", b"bc", b""),
                              special_ids=(2,))
-    spelling.save(workdir / trainer.SPELLING_FILE)
-    spelling.save(workdir / trainer.SPELLING_FILE)  # the same table again: kept as it is
-    assert SpellingTable.load(workdir / trainer.SPELLING_FILE).content_hash == spelling.content_hash
+    spelling.save(workdir / SPELLING_FILE)
+    spelling.save(workdir / SPELLING_FILE)  # the same table again: kept as it is
+    assert SpellingTable.load(workdir / SPELLING_FILE).content_hash == spelling.content_hash
     metadata = {"teacher_source": "t", "spelling_table_hash": "h", "trainable": "full",
                 "heads_config": {}}
     trainer._check_or_write_metadata(workdir, metadata)
@@ -158,8 +158,8 @@ def test_run_files_work_on_a_gs_workdir(monkeypatch):
         writer.write(step, {"loss": float(step)})
         writer.close()
     assert read_metrics(workdir) == {(1, "loss"): 1.0, (2, "loss"): 2.0}
-    assert {p.name for p in workdir.iterdir()} == {trainer.METADATA_FILE, "metrics.jsonl",
-                                                   trainer.SPELLING_FILE}
+    assert {p.name for p in workdir.iterdir()} == {runs.METADATA_FILE, "metrics.jsonl",
+                                                   SPELLING_FILE}
 
 
 class FakeSummaryWriter:

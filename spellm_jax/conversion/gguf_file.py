@@ -33,6 +33,9 @@ _DERIVED_TENSORS = {"rope_freqs.weight"}
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
+
+
 def hf_name(gguf_name: str) -> str:
     """transformers state-dict name of a llama.cpp tensor name."""
     match = _BLOCK.match(gguf_name)
@@ -56,6 +59,12 @@ def read_gguf_config(path: Path) -> dict[str, Any]:
     """The transformers config dict that transformers derives from the GGUF metadata."""
     from transformers import AutoConfig
 
+    with path.open("rb") as file:
+        magic = file.read(4)
+    if magic != GGUF_MAGIC:
+        raise ConversionError(f"{path} is not a GGUF file (it starts with {magic!r}, not "
+                              f"{GGUF_MAGIC!r}); pass a llama.cpp .gguf file, or a Hugging Face "
+                              "model directory for other weights.")
     config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
     config.pop("quantization_config", None)
     return config
