@@ -152,7 +152,8 @@ def time_heads(model, batch: int, iterations: int = 200) -> dict:
     functions = {
         "lm_head": jax.jit(lambda h: jnp.argmax(model.lm_logits(h), axis=-1)),
         "free": jax.jit(lambda h: model.spelling.lookup(model.char_heads.choose(h, model.spelling))),
-        "vocab": jax.jit(lambda h: jnp.argmax(model.char_heads.vocab_scores(h, model.spelling), -1)),
+        "vocab": jax.jit(lambda h: model.spelling.lookup(
+            model.char_heads.choose(h, model.spelling, constrained=True))),
     }
     timings: dict[str, list[float]] = {name: [] for name in functions}
     for fn in functions.values():

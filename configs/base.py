@@ -23,7 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.tiny.num_kv_heads = 2
 
     config.heads = ml_collections.ConfigDict()
-    config.heads.kind = "independent"  # the character decoder (models/char_decoders/)
+    config.heads.kind = "independent"  # the character decoder: independent | chain
+    config.heads.recurrent_width = 128  # chain: width of the state over the symbols so far
     config.heads.k = 16  # 0: the smallest k covering `coverage_target` of the training tokens
     config.heads.coverage_target = 0.999
     config.heads.use_bias = True

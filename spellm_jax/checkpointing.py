@@ -100,26 +100,32 @@ class TrainCheckpoints:
     def restore(self, step: int, abstract_state) -> tuple[object, dict, dict]:
         """Restores into `abstract_state` (ShapeDtypeStructs carrying the target shardings):
         the state, the data-iterator state and the metadata."""
-        target, treedef = self._checked_target(step, abstract_state, partial=False)
+        target, treedef = flatten_tree(abstract_state)
+        self._check(step, target, partial=False)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=_pytree_restore(target), data=ocp.args.JsonRestore(),
             metadata=ocp.args.JsonRestore()))
         leaves = [restored["state"][key] for key in target]
         return jax.tree_util.tree_unflatten(treedef, leaves), restored["data"], restored["metadata"]
 
-    def restore_params(self, step: int, abstract_params):
+    def restore_params(self, step: int, abstract_params, fresh=None):
         """Only the trained parameters (`state["params"]`) of checkpoint `step`: no optimizer
-        state is read or needs a target."""
-        target, treedef = self._checked_target(step, {"params": abstract_params}, partial=True)
+        state is read or needs a target. Given `fresh` (concrete parameters of the same
+        structure), parameters the checkpoint lacks keep their `fresh` values (a run of another
+        decoder kind that adds parameters) instead of being refused."""
+        target, treedef = flatten_tree({"params": abstract_params})
+        stored = self.manager.item_metadata(step)["state"]
+        kept = {key: value for key, value in target.items() if fresh is None or key in stored}
+        self._check(step, kept, partial=True)
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=_pytree_restore(target, partial=True)))
-        leaves = [restored["state"][key] for key in target]
+            state=_pytree_restore(kept, partial=True)))["state"]
+        defaults = {} if fresh is None else flatten_tree({"params": fresh})[0]
+        leaves = [restored[key] if key in restored else defaults[key] for key in target]
         return jax.tree_util.tree_unflatten(treedef, leaves)["params"]
 
-    def _checked_target(self, step: int, abstract_state, partial: bool) -> tuple[dict, object]:
-        """The flat restore target, refused with a readable message unless checkpoint `step`
+    def _check(self, step: int, target: dict, partial: bool) -> None:
+        """Refuses, with a readable message, a flat restore `target` unless checkpoint `step`
         stores exactly (or, if `partial`, at least) its entries with the same shapes."""
-        target, treedef = flatten_tree(abstract_state)
         stored = self.manager.item_metadata(step)["state"]
         stored_shapes = {k: tuple(v.shape) for k, v in stored.items()}
         target_shapes = {k: tuple(v.shape) for k, v in target.items()}
@@ -132,7 +138,6 @@ class TrainCheckpoints:
                 f"{missing[:5]}, unexpected {unexpected[:5]}, different shapes {different[:5]}. "
                 "It was written with another model, trainable set or heads config; use a fresh "
                 "--workdir.")
-        return target, treedef
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

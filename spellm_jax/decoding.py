@@ -60,14 +60,17 @@ class _SpelledRule(OutputRule):
 
 @dataclasses.dataclass(frozen=True)
 class FreeRule(_SpelledRule):
-    """SpeLLM free decoding: the decoder chooses a row of symbols; the string (cut at the first
-    PAD) is looked up on device, and strings that are not one token go to the `respeller`."""
+    """SpeLLM free decoding: the decoder chooses a row of symbols (the best of `beam` strings
+    where it searches); the string (cut at the first PAD) is looked up on device, and strings
+    that are not one token go to the `respeller`."""
 
     sampling: Sampling = GREEDY
     respeller: Respeller | None = dataclasses.field(default=None, compare=False)
+    beam: int = 1
 
     def __call__(self, model, hidden, key):
-        rows = model.char_heads.choose(hidden, model.spelling, key, self.sampling)  # [B, k]
+        rows = model.char_heads.choose(hidden, model.spelling, key, self.sampling,
+                                       beam=self.beam)  # [B, k]
         return model.spelling.lookup(rows), rows
 
     def host_ids(self, row: np.ndarray) -> list[int]:
@@ -79,13 +82,16 @@ class FreeRule(_SpelledRule):
 
 @dataclasses.dataclass(frozen=True)
 class VocabRule(_SpelledRule):
-    """SpeLLM vocabulary-constrained decoding: the token whose row the decoder scores highest."""
+    """SpeLLM vocabulary-constrained decoding: the decoder's choice among the rows of vocabulary
+    tokens only (the best-scored token, or the best of `beam` strings in the prefix trie)."""
 
     sampling: Sampling = GREEDY
+    beam: int = 1
 
     def __call__(self, model, hidden, key):
-        token = sample(model.char_heads.vocab_scores(hidden, model.spelling), key, self.sampling)
-        return token, model.spelling.rows_of(token)
+        rows = model.char_heads.choose(hidden, model.spelling, key, self.sampling,
+                                       constrained=True, beam=self.beam)
+        return model.spelling.lookup(rows), rows
 
 
 @struct.dataclass
@@ -300,14 +306,14 @@ def sampler(model: nnx.Module, tokenizer, rule: OutputRule, new_tokens: int
 MODES = ("lm_head", "free", "vocab")
 
 
-def rule_for(mode: str, sampling: Sampling = GREEDY, respeller: Respeller | None = None
-             ) -> OutputRule:
+def rule_for(mode: str, sampling: Sampling = GREEDY, respeller: Respeller | None = None,
+             beam: int = 1) -> OutputRule:
     """The output rule of a decoding mode: `lm_head`, SpeLLM `free` (strings that are not one
-    token go to `respeller`) or SpeLLM `vocab`."""
+    token go to `respeller`) or SpeLLM `vocab`; `beam` strings where the decoder searches."""
     if mode == "lm_head":
         return LMHeadRule(sampling)
     if mode == "free":
-        return FreeRule(sampling, respeller)
+        return FreeRule(sampling, respeller, beam)
     if mode == "vocab":
-        return VocabRule(sampling)
+        return VocabRule(sampling, beam)
     raise ValueError(f"mode={mode!r}; choose one of {', '.join(MODES)}.")

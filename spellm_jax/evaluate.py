@@ -15,6 +15,7 @@ from typing import Any
 from absl import app, flags
 
 from spellm_jax import cli
+from spellm_jax.evaluation import CHAIN_BEAMS
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training workdir (its latest checkpoint is evaluated).")
@@ -33,6 +34,9 @@ _ROWS = (  # (key, label, format)
     ("vocab_agreement", "agreement, vocabulary-constrained", "{:.1%}"),
     ("ceiling_free_agreement", "independence ceiling (exact marginals), free", "{:.1%}"),
     ("ceiling_vocab_agreement", "independence ceiling, vocabulary-constrained", "{:.1%}"),
+    *((f"chain_ceiling/{mode}_beam{beam}",
+       f"chain ceiling (exact conditionals), {label}, beam {beam}", "{:.1%}")
+      for beam in CHAIN_BEAMS for mode, label in (("free", "free"), ("vocab", "trie-constrained"))),
     ("exact_token_accuracy", "exact-token accuracy (all k symbols right)", "{:.1%}"),
     ("representable_share", "teacher tokens the table spells as one token (free ceiling)",
      "{:.1%}"),
@@ -48,13 +52,23 @@ _ROWS = (  # (key, label, format)
 )
 
 
+def _lookup(group: dict[str, Any], key: str) -> Any:
+    """`group[a][b]` for a key `a/b`, `group[key]` otherwise; None where absent."""
+    for part in key.split("/"):
+        if not isinstance(group, dict) or part not in group:
+            return None
+        group = group[part]
+    return group
+
+
 def markdown_summary(metrics: dict[str, Any], source: str) -> str:
     """The figures of `metrics` as markdown tables."""
     lines = [f"# SpeLLM evaluation: {source}", "", f"k = {metrics['k']} character heads.", "",
              "| metric | " + " | ".join(label for _, label in _SETS) + " |",
              "| --- | " + " | ".join("---:" for _ in _SETS) + " |"]
     for key, label, fmt in _ROWS:
-        cells = [fmt.format(metrics[name][key]) if key in metrics[name] else "-" for name, _ in _SETS]
+        cells = [fmt.format(value) if (value := _lookup(metrics[name], key)) is not None else "-"
+                 for name, _ in _SETS]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     last_word = metrics["last_word"]
     lines += ["", f"Last-word completion ({last_word['items']} items from held-out text, greedy):",

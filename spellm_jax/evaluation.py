@@ -3,8 +3,10 @@
 Three sets, all from the corpora's held-out documents: real text (teacher-forced rows), the
 teacher's greedy continuations of held-out prompts, and a last-word completion task. At every
 position one jitted pass gives the teacher's argmax and log-probabilities, the SpeLLM's free and
-vocabulary-constrained choices and its renormalised log-probabilities, and what heads holding the
-teacher's exact symbol marginals would choose (the independence ceiling).
+vocabulary-constrained choices and its renormalised log-probabilities, what heads holding the
+teacher's exact symbol marginals would choose (the independence ceiling), and what a chain decoder
+holding the teacher's exact conditionals would choose, greedily and with beams (the chain
+ceiling).
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from flax import nnx
 from spellm_jax import decoding, tokenizers
 from spellm_jax.data.last_word import LastWordItem
 from spellm_jax.metrics import continuation_rows, spelled_choices
+from spellm_jax.models.char_decoders.search import search_rows
 from spellm_jax.spelling import DeviceSpelling, Respeller, SpellingTable
 
 CEILING_KS = (4, 6, 8, 12, 16, 24)
+CHAIN_BEAMS = (1, 2, 4)  # beams of the chain ceiling
 ROWS_PER_CALL = 32  # rows of one jitted call (one compilation per row length)
 
 
@@ -37,31 +41,61 @@ def independence_ceiling(teacher_logits: jax.Array, spelling: DeviceSpelling
     return free, jnp.argmax(spelling.token_scores(jnp.log(marginals)), axis=-1)
 
 
+def chain_ceiling(teacher_logits: jax.Array, spelling: DeviceSpelling, beam: int,
+                  constrained: bool) -> jax.Array:
+    """The choices `[T]` of a chain decoder that outputs the teacher's exact conditionals
+    `q(c_i | c_<i)` (its string distribution is the teacher's), searched greedily or with `beam`
+    hypotheses, free or within the vocabulary's prefix trie."""
+    probs = jax.nn.softmax(teacher_logits, axis=-1)  # [T, V]
+    table = spelling.table[...]
+    length, vocab_size = probs.shape
+
+    def step(in_prefix, previous, i):  # in_prefix [T, B, V]: tokens whose rows start so
+        if previous is not None:
+            in_prefix = in_prefix & (table[:, i - 1] == previous[..., None])
+        flat = jnp.where(in_prefix, probs[:, None], 0.0).reshape(-1, vocab_size)
+        mass = jax.ops.segment_sum(flat.T, table[:, i], num_segments=spelling.num_symbols).T
+        return jnp.log(mass.reshape(length, beam, -1)), in_prefix
+
+    rows = search_rows(step, jnp.ones((length, beam, vocab_size), bool), spelling.k,
+                       spelling.pad_symbol, trie=spelling if constrained else None, beam=beam)
+    return spelling.lookup(rows)
+
+
+def _following(ids: jax.Array) -> jax.Array:
+    """The token after each position `[T]` (the first token at the last position)."""
+    return jnp.concatenate([ids[1:], ids[:1]])
+
+
 def _next_log_probs(log_probs: jax.Array, ids: jax.Array) -> jax.Array:
     """`log p(ids[t + 1])` at each position t `[T]` (0 at the last position)."""
-    following = jnp.concatenate([ids[1:], ids[:1]])
-    picked = jnp.take_along_axis(log_probs, following[:, None], axis=-1)[:, 0]
+    picked = jnp.take_along_axis(log_probs, _following(ids)[:, None], axis=-1)[:, 0]
     return picked.at[-1].set(0.0)
 
 
 @functools.partial(nnx.jit, static_argnames=("full",))
 def _row_outputs(spellm, teacher, ids: jax.Array, full: bool = True) -> dict[str, jax.Array]:
-    """Per-position outputs of rows `[N, T]`, one row at a time (`[T, V]` scores each): the
-    choices of teacher and SpeLLM and, if `full`, log-probabilities, the target rows' teacher-
-    forced symbol choices and the ceiling."""
+    """Per-position outputs of rows `[N, T]`, one row at a time: the choices of teacher and
+    SpeLLM and, if `full`, log-probabilities of the next token, the target rows' teacher-forced
+    symbol choices and the ceiling."""
 
     def one_row(row_ids):
         teacher_logits = teacher(row_ids[None])[0]
         hidden = spellm.model(row_ids[None])[0][0]
         outputs = spelled_choices(spellm, hidden)
-        scores = outputs.pop("vocab_scores")
         outputs["teacher"] = jnp.argmax(teacher_logits, axis=-1)
         if full:
             ceiling_free, ceiling_vocab = independence_ceiling(teacher_logits, spellm.spelling)
             target_rows = spellm.spelling.rows_of(outputs["teacher"])
             outputs["forced_rows"] = jnp.argmax(spellm.char_heads.logits(hidden, target_rows), -1)
+            for beam in CHAIN_BEAMS:
+                for mode in ("free", "vocab"):
+                    outputs[f"chain_{mode}_beam{beam}"] = chain_ceiling(
+                        teacher_logits, spellm.spelling, beam, constrained=mode == "vocab")
             outputs |= {
-                "spellm_logp": _next_log_probs(jax.nn.log_softmax(scores, axis=-1), row_ids),
+                "spellm_logp": spellm.char_heads.token_log_probs(
+                    hidden, spellm.spelling.rows_of(_following(row_ids)), spellm.spelling
+                ).at[-1].set(0.0),
                 "teacher_logp": _next_log_probs(jax.nn.log_softmax(teacher_logits, axis=-1),
                                                 row_ids),
                 "ceiling_free": ceiling_free, "ceiling_vocab": ceiling_vocab}
@@ -136,6 +170,8 @@ def agreement_metrics(outputs: dict[str, np.ndarray], mask: np.ndarray, ids: np.
         "vocab_agreement": float((outputs["vocab"][mask] == teacher).mean()),
         "ceiling_free_agreement": float((outputs["ceiling_free"][mask] == teacher).mean()),
         "ceiling_vocab_agreement": float((outputs["ceiling_vocab"][mask] == teacher).mean()),
+        "chain_ceiling": {name.removeprefix("chain_"): float((value[mask] == teacher).mean())
+                          for name, value in outputs.items() if name.startswith("chain_")},
         "exact_token_accuracy": float((forced == target_rows).all(axis=1).mean()),
         # The teacher's token is the one token its table row names (spelled in full, canonical):
         # the most free decoding of any decoder with this table can agree.

@@ -72,12 +72,12 @@ def export_spellm(model, tokenizer, spelling, out: str | Path, *, base_model: st
     return out
 
 
-def parity_with_torch(model, respeller, torch_spellm, prompts: list[list[int]], new_tokens: int
-                      ) -> dict[str, Any]:
+def parity_with_torch(model, respeller, torch_spellm, prompts: list[list[int]], new_tokens: int,
+                      beams: tuple[int, ...] = (1,)) -> dict[str, Any]:
     """How closely the exported PyTorch SpeLLM follows the JAX one on `prompts`: the largest
-    differences of the LM logits and of the (unmasked) character logits over every position,
-    whether both mask the same symbols, and per decoding mode whether `new_tokens` greedy tokens
-    are identical for every prompt."""
+    differences of the LM logits and of the (unmasked, greedy-row) character logits over every
+    position, whether both mask the same symbols, and per decoding mode (and beam, as
+    `mode_beamB` for B > 1) whether `new_tokens` greedy tokens are identical for every prompt."""
     import jax.numpy as jnp
     import torch
 
@@ -99,9 +99,11 @@ def parity_with_torch(model, respeller, torch_spellm, prompts: list[list[int]], 
     eos = list(model.config.eos_token_ids)
     identical = {}
     for mode in decoding.MODES:
-        expected = decoding.generate(model, prompts, new_tokens,
-                                     decoding.rule_for(mode, respeller=respeller), eos_ids=eos)
-        identical[mode] = torch_spellm.generate(prompts, new_tokens, mode=mode) == expected.tokens
+        for beam in beams if mode != "lm_head" else (1,):
+            rule = decoding.rule_for(mode, respeller=respeller, beam=beam)
+            expected = decoding.generate(model, prompts, new_tokens, rule, eos_ids=eos).tokens
+            got = torch_spellm.generate(prompts, new_tokens, mode=mode, beam=beam)
+            identical[mode if beam == 1 else f"{mode}_beam{beam}"] = got == expected
     return {"lm_max_diff": lm_diff, "chars_max_diff": chars_diff, "same_masks": same_masks,
             "identical": identical}
 

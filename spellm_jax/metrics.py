@@ -25,21 +25,20 @@ def continuation_rows(prompts: Sequence[Sequence[int]], continuations: Sequence[
     return rows, mask
 
 
-def spelled_choices(model: SpeLLM, hidden: jax.Array) -> dict[str, jax.Array]:
-    """The SpeLLM's greedy next-token choices from the hidden states `[T, d]` of one row: the
-    free rows and their tokens, the vocabulary scores `[T, V]` and the vocabulary-constrained
-    token."""
+def spelled_choices(model: SpeLLM, hidden: jax.Array, beam: int = 1) -> dict[str, jax.Array]:
+    """The SpeLLM's greedy next-token choices from the hidden states `[T, d]` of one row (the
+    best of `beam` strings where the decoder searches): the free rows and their tokens, and the
+    vocabulary-constrained token."""
     decoder, spelling = model.char_heads, model.spelling
-    rows = decoder.choose(hidden, spelling)
-    scores = decoder.vocab_scores(hidden, spelling)
-    return {"free_rows": rows, "free": spelling.lookup(rows), "vocab_scores": scores,
-            "vocab": jnp.argmax(scores, axis=-1)}
+    rows = decoder.choose(hidden, spelling, beam=beam)
+    constrained = decoder.choose(hidden, spelling, constrained=True, beam=beam)
+    return {"free_rows": rows, "free": spelling.lookup(rows), "vocab": spelling.lookup(constrained)}
 
 
 @nnx.jit
 def _predictions(model: SpeLLM, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Free and vocabulary-constrained next-token predictions `[N, T]`, one row at a time (the
-    `[T, V]` vocabulary scores of a whole batch would not fit)."""
+    """Free and vocabulary-constrained next-token predictions `[N, T]`, one row at a time (a
+    row's `[T, V]` vocabulary scores, for the independent kind, would not fit for a batch)."""
 
     def one_row(row_ids):
         choices = spelled_choices(model, model.model(row_ids[None])[0][0])

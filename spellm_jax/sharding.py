@@ -27,6 +27,7 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "vocab": "tensor",
     "char_head": None,
     "char_vocab": None,
+    "char_state": None,
     "layers": None,
     "norm": None,
     "lora_rank": None,

@@ -155,7 +155,8 @@ def heads_config(config: ml_collections.ConfigDict, spelling: SpellingTable) -> 
     """The decoder a config asks for, on a spelling table."""
     heads = config.heads
     return HeadsConfig(k=spelling.k, num_symbols=spelling.num_symbols, kind=heads.kind,
-                       use_bias=heads.use_bias, adapter=heads.adapter, init=heads.init)
+                       use_bias=heads.use_bias, adapter=heads.adapter, init=heads.init,
+                       recurrent_width=heads.recurrent_width)
 
 
 def build_student(config, teacher: Pretrained, spelling: SpellingTable, heads: HeadsConfig,
@@ -290,7 +291,8 @@ def start(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
         iterator.set_state(data_state)
         print(f"resumed from checkpoint {start_step} in {workdir}", file=sys.stderr)
     elif config.init_from:
-        state["params"] = _params_from(as_path(config.init_from), abstract["params"])
+        state["params"] = _params_from(as_path(config.init_from), abstract["params"],
+                                       state["params"])
         print(f"initialised the trained parameters from {config.init_from}", file=sys.stderr)
     teacher_model = nnx.merge(setup.graphdef, setup.teacher_params, setup.rest)
     eval_set = _eval_sequences(teacher_model, dataset, config)
@@ -357,15 +359,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, stop_after: int 
     return loop(start(config, workdir), stop_after)
 
 
-def _params_from(path: epath.Path, abstract_params):
+def _params_from(path: epath.Path, abstract_params, fresh):
     """Only the trained parameters of another run's checkpoint (a workdir: its latest step, or
-    `workdir/checkpoints/N`); optimizer and data state start fresh."""
+    `workdir/checkpoints/N`); parameters it lacks keep their `fresh` values (e.g. the chain
+    decoder's recurrence from an independent run); optimizer and data state start fresh."""
     workdir, step = checkpoint_location(path)
     checkpoints = TrainCheckpoints(workdir, keep=1, save_every=1)
     step = checkpoints.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"config.init_from={path} holds no checkpoint.")
-    params = checkpoints.restore_params(step, abstract_params)
+    params = checkpoints.restore_params(step, abstract_params, fresh)
     checkpoints.close()
     return params
 
@@ -376,18 +379,24 @@ def _check_or_write_metadata(workdir: epath.Path, metadata: dict) -> None:
     path = workdir / METADATA_FILE
     if path.exists():
         old = json.loads(path.read_text())
-        recorded = {key: old.get(key) for key in ("teacher_source", "spelling_table_hash",
-                                                  "trainable")}
-        recorded["heads_config"] = old.get("heads_config")
-        if recorded["heads_config"] is not None:  # runs before `kind` existed: fields defaulted
-            recorded["heads_config"] = dataclasses.asdict(HeadsConfig(**recorded["heads_config"]))
-        for key, value in recorded.items():
-            if value != metadata[key]:
+        for key in ("teacher_source", "spelling_table_hash", "trainable", "heads_config"):
+            value, given = old.get(key), metadata[key]
+            if key == "heads_config":  # fields added since an older run wrote it take defaults
+                value, given = _with_default_fields(value), _with_default_fields(given)
+            if value != given:
                 raise ConfigError(
                     f"{workdir} holds a run with {key}={value!r}, but this config gives "
                     f"{metadata[key]!r}; use a fresh --workdir (nothing was overwritten).")
     if jax.process_index() == 0:
         path.write_text(json.dumps(metadata, indent=2))
+
+
+def _with_default_fields(heads: dict | None) -> dict | None:
+    """A recorded `HeadsConfig` dict with the fields it lacks at their defaults."""
+    if heads is None:
+        return None
+    return {field.name: field.default for field in dataclasses.fields(HeadsConfig)
+            if field.default is not dataclasses.MISSING} | heads
 
 
 def _eval_sequences(teacher_model, dataset, config) -> tuple[np.ndarray, np.ndarray]:

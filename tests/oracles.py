@@ -7,30 +7,23 @@ import numpy as np
 from flax import nnx
 
 from spellm_jax.models.char_decoders import HeadsConfig
+from spellm_jax.models.char_decoders.independent import IndependentHeads
+from spellm_jax.models.llama import RuntimeOptions
 from spellm_jax.models.spellm import SpeLLM
 
 
-class OneHotDecoder(nnx.Module):
-    """A `CharDecoder` whose rows are chosen by `rows_for(hidden)` with certainty (logits 50 on
-    the chosen symbol, 0 elsewhere): the oracles of these tests."""
+class OneHotDecoder(IndependentHeads):
+    """Independent heads whose logits are 50 on the symbols `rows_for(hidden)` chooses and 0
+    elsewhere: they decode (free or constrained) and score exactly as the paper's heads do."""
 
     def __init__(self, config: HeadsConfig):
-        self.config = config
+        super().__init__(1, config, RuntimeOptions(), nnx.Rngs(0))
 
     def rows_for(self, hidden: jax.Array) -> jax.Array:
         raise NotImplementedError
 
     def logits(self, hidden, rows=None):
         return 50.0 * jax.nn.one_hot(self.rows_for(hidden), self.config.num_symbols)
-
-    def choose(self, hidden, spelling, key=None, sampling=None):
-        return self.rows_for(hidden).astype(jnp.int32)
-
-    def vocab_scores(self, hidden, spelling):
-        return spelling.token_scores(jax.nn.log_softmax(self.logits(hidden), axis=-1))
-
-    def fuse_projections(self):
-        pass
 
 
 class TeacherOracle(OneHotDecoder):

@@ -36,11 +36,18 @@ class FixedToken(nnx.Module):
         shape = (*hidden.shape[:-1], self.config.k, self.config.num_symbols)
         return jnp.broadcast_to(self.table_logits[...], shape)
 
-    def choose(self, hidden, spelling, key=None, sampling=None):
+    def choose(self, hidden, spelling, key=None, sampling=None, constrained=False, beam=1):
+        if constrained:  # the best-scored vocabulary token
+            return spelling.rows_of(jnp.argmax(self._vocab_log_probs(hidden, spelling), axis=-1))
         return jnp.argmax(self.logits(hidden), axis=-1).astype(jnp.int32)
 
-    def vocab_scores(self, hidden, spelling: DeviceSpelling):
-        return spelling.token_scores(jax.nn.log_softmax(self.logits(hidden), axis=-1))
+    def token_log_probs(self, hidden, rows, spelling: DeviceSpelling):
+        log_probs = self._vocab_log_probs(hidden, spelling)
+        return jnp.take_along_axis(log_probs, spelling.lookup(rows)[..., None], axis=-1)[..., 0]
+
+    def _vocab_log_probs(self, hidden, spelling: DeviceSpelling):
+        scores = spelling.token_scores(jax.nn.log_softmax(self.logits(hidden), axis=-1))
+        return jax.nn.log_softmax(scores, axis=-1)
 
     def soft_targets(self, token_probs, rows, spelling: DeviceSpelling):
         return spelling.symbol_marginals(token_probs)
@@ -59,7 +66,7 @@ class FixedToken(nnx.Module):
 
 @register_torch_decoder("fixed_token")
 class TorchFixedToken(nn.Module):
-    def __init__(self, tensors, heads, table, valid):
+    def __init__(self, tensors, heads, table, valid, spelling):
         super().__init__()
         self.table_logits = nn.Parameter(tensors["table_logits"].float(), requires_grad=False)
         self.register_buffer("table", table)
@@ -68,11 +75,12 @@ class TorchFixedToken(nn.Module):
     def logits(self, hidden, rows=None):
         return self.table_logits.expand(*hidden.shape[:-1], *self.table_logits.shape)
 
-    def choose(self, hidden):
+    def choose(self, hidden, constrained=False, beam=1):
+        if constrained:
+            scores = token_scores(torch.log_softmax(self.logits(hidden), dim=-1), self.table,
+                                  self.valid)
+            return self.table[scores.argmax(-1)]
         return self.logits(hidden).argmax(-1)
-
-    def vocab_scores(self, hidden):
-        return token_scores(torch.log_softmax(self.logits(hidden), dim=-1), self.table, self.valid)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
 """The sharded train step: same numbers on every mesh, expected layouts, no recompilation."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -54,13 +56,16 @@ def random_batches(config, count=2, seed=0):
              "loss_mask": rng.rand(*shape) > 0.1} for _ in range(count)]
 
 
-@pytest.mark.parametrize("trainable", ["full", "heads", "top_layers", "lora"])
-def test_train_step_is_the_same_on_every_mesh(tiny_teacher, trainable):
+@pytest.mark.parametrize(("trainable", "kind"), [
+    ("full", "independent"), ("heads", "independent"), ("top_layers", "independent"),
+    ("lora", "independent"), ("top_layers", "chain")])
+def test_train_step_is_the_same_on_every_mesh(tiny_teacher, trainable, kind):
     config = tiny_config(**{"train.trainable": trainable, "train.top_layers": 1,
                             "train.grad_accum": 1 if trainable != "lora" else 2})
-    batches = random_batches(config)
-    _, reference, reference_losses = run_steps(config, tiny_teacher, MESHES[0],
-                                                             batches)
+    teacher, spelling, heads = tiny_teacher
+    tiny_teacher = teacher, spelling, dataclasses.replace(heads, kind=kind, recurrent_width=16)
+    batches = random_batches(config, count=3 if kind == "chain" else 2)
+    _, reference, reference_losses = run_steps(config, tiny_teacher, MESHES[0], batches)
     assert reference_losses[1] < reference_losses[0] * 1.5  # a sane, finite step
     want = jax.tree.map(np.asarray, reference["params"])
     for mesh_shape in MESHES[1:]:

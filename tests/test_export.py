@@ -22,6 +22,7 @@ VARIANTS = {  # trained briefly so that every tensor differs from its initial va
     "full": {},
     "lora_shared_adapter": {"train.trainable": "lora", "heads.adapter": "shared",
                             "train.learning_rate": 3e-2},
+    "chain": {"heads.kind": "chain", "train.learning_rate": 3e-2},
 }
 
 
@@ -51,8 +52,9 @@ def test_transformers_loads_the_backbone_with_exactly_its_keys(exported):
 def test_pytorch_module_matches_jax_logits_and_greedy_decoding(exported):
     model, tokenizer, spelling, out = exported
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    beams = (1, 4) if model.heads_config.kind == "chain" else (1,)
     parity = parity_with_torch(model, Respeller(spelling, tokenizer),
-                               TorchSpeLLM.from_pretrained(out), prompts, 32)
+                               TorchSpeLLM.from_pretrained(out), prompts, 32, beams)
     assert parity["lm_max_diff"] <= 1e-5 and parity["chars_max_diff"] <= 1e-5, parity
     assert parity["same_masks"] and all(parity["identical"].values()), parity
 

@@ -81,6 +81,28 @@ def test_resumed_run_equals_uninterrupted_run_bitwise(tmp_path):
     assert read_metrics(tmp_path / "warm")[(1, "loss")] < losses_whole[(2, "loss")]
 
 
+def test_a_chain_run_starts_from_an_independent_run_and_resumes_bitwise(tmp_path):
+    independent = tiny_config(**{"train.steps": 2, "train.eval_every": 100})
+    trainer.run(independent, tmp_path / "independent")
+    chain = tiny_config(**{"heads.kind": "chain", "train.steps": 4, "train.log_every": 1,
+                           "train.eval_every": 100, "init_from": str(tmp_path / "independent")})
+    trainer.run(chain, tmp_path / "whole")
+    trainer.run(chain, tmp_path / "resumed", stop_after=2)
+    trainer.run(chain, tmp_path / "resumed")
+    whole, resumed = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "resumed")
+    assert [whole[(s, "loss")] for s in range(1, 5)] == [resumed[(s, "loss")] for s in range(1, 5)]
+    kernels = {}
+    for name, kind in (("independent", independent), ("whole", chain)):
+        model, _, _ = runs.load_spellm(tmp_path / name / "checkpoints" / str(kind.train.steps))
+        kernels[name] = np.asarray(model.char_heads.kernel[...])
+    started, _, _ = runs.load_spellm(tmp_path / "whole" / "checkpoints" / "1")
+    assert started.heads_config.kind == "chain" and started.char_heads.readout[...].shape[0] == 16
+    assert not np.array_equal(kernels["whole"], kernels["independent"])  # it trained on from there
+    # The first update has learning rate 0 (warmup): checkpoint 1 holds the independent heads.
+    np.testing.assert_array_equal(np.asarray(started.char_heads.kernel[...]),
+                                  kernels["independent"])
+
+
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
     config = tiny_config(**{"train.steps": 2, "mesh.shape": (8, 1, 1), "train.eval_every": 100})
     trainer.run(config, tmp_path)

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from spellm_jax.spelling.table import SpellingTable
+from spellm_jax.spelling.trie import PrefixTrie
 
 HASH_WINDOW = 4  # most rows sharing one hash value that a query can tell apart
 _EMPTY = np.uint32(0xFFFFFFFF)
@@ -56,27 +57,35 @@ def sorted_row_hashes(table: np.ndarray, canonical: np.ndarray) -> tuple[np.ndar
 
 
 class DeviceSpelling(nnx.Module):
-    """`table` `[V, k]`, `valid` and `lengths` `[V]`, and the sorted row hashes with their token
-    ids, built once from a SpellingTable and used by the model, the loss, decoding and
-    evaluation."""
+    """`table` `[V, k]`, `valid` and `lengths` `[V]`, the sorted row hashes with their token ids,
+    and the vocabulary's prefix trie (`spelling.trie.PrefixTrie`), built once from a
+    SpellingTable and used by the model, the loss, decoding and evaluation."""
 
     def __init__(self, vocab_size: int, k: int, num_symbols: int):
         """Placeholder arrays of the right shapes (every row PAD, nothing valid); `of` fills them."""
-        self.k, self.num_symbols = k, num_symbols
+        self.k, self.num_symbols, self.trie_count = k, num_symbols, 0
         self.table = SpellingConstant(jnp.full((vocab_size, k), num_symbols - 1, jnp.int32))
         self.valid = SpellingConstant(jnp.zeros((vocab_size,), bool))
         self.lengths = SpellingConstant(jnp.zeros((vocab_size,), jnp.int32))
         self.hashes = SpellingConstant(jnp.full((vocab_size,), _EMPTY, jnp.uint32))
         self.ids = SpellingConstant(jnp.full((vocab_size,), -1, jnp.int32))
+        self.trie_rows = SpellingConstant(jnp.full((vocab_size, k), num_symbols, jnp.int32))
+        self.trie_tokens = SpellingConstant(jnp.full((vocab_size,), -1, jnp.int32))
+        self.trie_allowed_bits = SpellingConstant(
+            jnp.zeros((k, vocab_size, (num_symbols + 7) // 8), jnp.uint8))
 
     @classmethod
     def of(cls, spelling: SpellingTable) -> DeviceSpelling:
         table = np.asarray(spelling.table, np.int32)
         hashes, ids = sorted_row_hashes(table, np.asarray(spelling.canonical))
+        trie = PrefixTrie.of(spelling)
         device = cls(spelling.vocab_size, spelling.k, spelling.num_symbols)
+        device.trie_count = trie.count
         for name, value in (("table", table), ("valid", spelling.valid),
                             ("lengths", np.asarray(spelling.lengths, np.int32)),
-                            ("hashes", hashes), ("ids", ids)):
+                            ("hashes", hashes), ("ids", ids), ("trie_rows", trie.rows),
+                            ("trie_tokens", trie.tokens),
+                            ("trie_allowed_bits", trie.allowed)):
             getattr(device, name).set_value(jnp.asarray(value))
         return device
 
@@ -106,6 +115,36 @@ class DeviceSpelling(nnx.Module):
         return jnp.where(jnp.any(same, axis=-1),
                          jnp.take_along_axis(ids, jnp.argmax(same, axis=-1)[..., None], -1)[..., 0],
                          -1)
+
+    def trie_allowed(self, depth: int, lo: jax.Array) -> jax.Array:
+        """bool `[..., C]`: the symbols that can follow the prefix nodes starting at trie rows
+        `lo` `[...]`, at position `depth`."""
+        bits = self.trie_allowed_bits[...][depth][lo]  # [..., ceil(C / 8)]
+        return jnp.unpackbits(bits, axis=-1, bitorder="little")[..., :self.num_symbols] > 0
+
+    def trie_narrow(self, depth: int, lo: jax.Array, hi: jax.Array, symbol: jax.Array
+                    ) -> tuple[jax.Array, jax.Array]:
+        """The trie ranges `[lo, hi)` of the prefixes extended by `symbol` at `depth` (shapes
+        broadcast together): a binary search within each range of the (there sorted) column."""
+        return (self.trie_lower_bound(depth, lo, hi, symbol),
+                self.trie_lower_bound(depth, lo, hi, symbol + 1))
+
+    def trie_lower_bound(self, depth: int, lo: jax.Array, hi: jax.Array, value: jax.Array
+                         ) -> jax.Array:
+        """The first trie row in `[lo, hi)` whose symbol at `depth` is at least `value` (`hi` if
+        none), for rows whose first `depth` symbols are shared (so that column is sorted)."""
+        column = self.trie_rows[...][:, depth]
+        shape = jnp.broadcast_shapes(lo.shape, hi.shape, jnp.shape(value))
+
+        def halve(_, bounds):
+            start, stop = bounds
+            mid = (start + stop) // 2
+            right = (start < stop) & (column[jnp.minimum(mid, len(column) - 1)] < value)
+            return jnp.where(right, mid + 1, start), jnp.where(right | (start >= stop), stop, mid)
+
+        iterations = max(1, int(np.ceil(np.log2(len(column) + 1))))
+        bounds = (jnp.broadcast_to(lo, shape), jnp.broadcast_to(hi, shape))
+        return jax.lax.fori_loop(0, iterations, halve, bounds)[0]
 
     def symbol_marginals(self, token_probs: jax.Array) -> jax.Array:
         """`q_i(c) = Σ_{v: spell(v)_i = c} p(v)`: a segment-sum of `[..., V]` probabilities over

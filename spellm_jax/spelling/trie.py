@@ -13,11 +13,11 @@ from spellm_jax.spelling.table import SpellingTable
 
 @dataclasses.dataclass(frozen=True)
 class PrefixTrie:
-    """`rows` `[V, k]`: the canonical valid rows sorted lexicographically (PAD, the largest symbol,
-    sorts last), then filler rows of C (past every symbol); `tokens` `[V]`: their ids (-1 for
-    filler). A prefix of length i is the range `[lo, hi)` of rows that start with it, and
-    `allowed` `[k, V, ceil(C / 8)]` (bits, little-endian) holds at `[i, lo]` the symbols that some
-    row of that range has at position i."""
+    """`rows` `[V, k]`: the valid tokens' rows sorted lexicographically (PAD, the largest symbol,
+    sorts last; tokens that share a row, truncated ones, side by side), then filler rows of C
+    (past every symbol); `tokens` `[V]`: their ids (-1 for filler). A prefix of length i is the
+    range `[lo, hi)` of rows that start with it, and `allowed` `[k, V, ceil(C / 8)]` (bits,
+    little-endian) holds at `[i, lo]` the symbols that some row of that range has at position i."""
 
     rows: np.ndarray
     tokens: np.ndarray
@@ -27,7 +27,7 @@ class PrefixTrie:
 
     @classmethod
     def of(cls, spelling: SpellingTable) -> PrefixTrie:
-        ids = np.flatnonzero(spelling.canonical & spelling.valid)
+        ids = np.flatnonzero(spelling.valid)
         table = spelling.table[ids]
         order = np.lexsort(table.T[::-1])  # column 0 most significant
         ids, table = ids[order], table[order]

@@ -39,6 +39,7 @@ class HeadsConfig:
     adapter: AdapterKind = "none"
     adapter_multiplier: int = 4  # adapter hidden width = multiplier * d
     init: HeadInit = "lm_head_mean"
+    recurrent_width: int = 128  # the chain kind's state over the symbols chosen so far
 
     def __post_init__(self) -> None:
         if self.kind not in DECODER_KINDS:
@@ -60,13 +61,17 @@ class CharDecoder(Protocol):
         ...
 
     def choose(self, hidden: jax.Array, spelling: DeviceSpelling, key: jax.Array | None = None,
-               sampling: Sampling = GREEDY) -> jax.Array:
-        """The rows `[..., k]` (int32) decoding emits, greedily or sampled per `sampling`."""
+               sampling: Sampling = GREEDY, constrained: bool = False, beam: int = 1
+               ) -> jax.Array:
+        """The rows `[..., k]` (int32) decoding emits: greedy (the best of `beam` hypotheses
+        where the kind searches) or sampled per `sampling`; with `constrained`, always the row
+        of a vocabulary token."""
         ...
 
-    def vocab_scores(self, hidden: jax.Array, spelling: DeviceSpelling) -> jax.Array:
-        """The decoder's log-probability of every vocabulary token's row `[..., V]` (-inf for rows
-        that spell no token): what vocabulary-constrained decoding maximises."""
+    def token_log_probs(self, hidden: jax.Array, rows: jax.Array, spelling: DeviceSpelling
+                        ) -> jax.Array:
+        """`[...]`: the log-probability of the token each row `[..., k]` spells, under the
+        decoder's distribution restricted to the vocabulary (bits per byte, benchmarks)."""
         ...
 
     def soft_targets(self, token_probs: jax.Array, rows: jax.Array, spelling: DeviceSpelling
@@ -129,8 +134,8 @@ def symbol_mask_of(spelling: SpellingTable) -> jax.Array:
 
 
 def fixed_tensors(decoder: nnx.Module) -> dict[str, Any]:
-    """The decoder's variables that are not parameters (fixed by the spelling table), by flat key:
-    exported beside the parameters so the PyTorch twin needs no spelling arithmetic."""
-    state = nnx.state(decoder, nnx.Not(nnx.Param))
+    """The decoder's symbol masks (fixed by the spelling table), by flat key: exported beside
+    the parameters so the PyTorch twin needs no spelling arithmetic for them."""
+    state = nnx.state(decoder, SymbolMask)
     return {"/".join(map(str, path)): np.asarray(variable.get_value())
             for path, variable in nnx.to_flat_state(state)}

@@ -26,20 +26,26 @@ from spellm_jax.spelling import DeviceSpelling
 
 def chain_targets(token_probs: jax.Array, rows: jax.Array, spelling: DeviceSpelling) -> jax.Array:
     """`q_i(c | rows_<i)` `[..., k, C]`: the mass of the tokens whose rows continue `rows[..., :i]`
-    with c, over the mass of the tokens whose rows start with it (a running prefix mask and one
-    segment-sum per head: O(k V) per position, no `[..., V, k]` array). PAD gets the mass of the
-    tokens equal to the prefix."""
-    table, k, c = spelling.table[...], spelling.k, spelling.num_symbols
+    with c, over the mass of the tokens whose rows start with it; PAD gets the mass of the tokens
+    equal to the prefix. In the trie's order every prefix is a contiguous range of tokens, so a
+    prefix's mass is a difference of one cumulative sum: O(V) per position for the sum, then
+    binary searches (no `[..., V, k]` array, no per-head pass over the vocabulary)."""
+    k, c = spelling.k, spelling.num_symbols
     lead = token_probs.shape[:-1]
     probs = token_probs.reshape(-1, token_probs.shape[-1])  # [N, V]
     rows = rows.reshape(-1, k)
-    in_prefix = jnp.ones(probs.shape, bool)
+    ordered = jnp.where(spelling.trie_tokens[...] >= 0, probs[:, spelling.trie_tokens[...]], 0.0)
+    cumulative = jnp.concatenate([jnp.zeros_like(ordered[:, :1]), jnp.cumsum(ordered, -1)], -1)
+    lo = jnp.zeros((len(probs), 1), jnp.int32)
+    hi = jnp.full((len(probs), 1), spelling.trie_count, jnp.int32)
+    symbols = jnp.arange(c)[None]
     targets = []
     for i in range(k):
-        mass = jax.ops.segment_sum(jnp.where(in_prefix, probs, 0.0).T, table[:, i],
-                                   num_segments=c).T  # [N, C]
+        starts, stops = spelling.trie_narrow(i, lo, hi, symbols)  # [N, C]
+        mass = jnp.maximum(jnp.take_along_axis(cumulative, stops, -1)
+                           - jnp.take_along_axis(cumulative, starts, -1), 0.0)
         targets.append(mass / jnp.maximum(mass.sum(-1, keepdims=True), 1e-30))
-        in_prefix = in_prefix & (table[:, i][None] == rows[:, i:i + 1])
+        lo, hi = spelling.trie_narrow(i, lo, hi, rows[:, i:i + 1])
     return jnp.stack(targets, axis=1).reshape(*lead, k, c)
 
 

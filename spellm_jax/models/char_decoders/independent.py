@@ -113,13 +113,24 @@ class IndependentHeads(nnx.Module):
         return logits + self.symbol_mask[...]
 
     def choose(self, hidden: jax.Array, spelling: DeviceSpelling, key: jax.Array | None = None,
-               sampling: Sampling = GREEDY) -> jax.Array:
-        """Each head picks its own symbol."""
-        del spelling
+               sampling: Sampling = GREEDY, constrained: bool = False, beam: int = 1
+               ) -> jax.Array:
+        """Each head picks its own symbol (that is the best string: no search needed); with
+        `constrained`, the row of the token the heads score highest (`vocab_scores`)."""
+        del beam
+        if constrained:
+            return spelling.rows_of(sample(self.vocab_scores(hidden, spelling), key, sampling))
         return sample(self.logits(hidden), key, sampling)
 
+    def token_log_probs(self, hidden: jax.Array, rows: jax.Array, spelling: DeviceSpelling
+                        ) -> jax.Array:
+        """The heads' product of symbol probabilities, renormalised over the vocabulary."""
+        log_probs = jax.nn.log_softmax(self.vocab_scores(hidden, spelling), axis=-1)
+        tokens = spelling.lookup(rows)
+        return jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
+
     def vocab_scores(self, hidden: jax.Array, spelling: DeviceSpelling) -> jax.Array:
-        """`Σ_i log q_i(spell(v)_i)` for every token v (a gather, no `d x V` matmul)."""
+        """`Σ_i log q_i(spell(v)_i)` for every token v `[..., V]` (a gather, no `d x V` matmul)."""
         return spelling.token_scores(jax.nn.log_softmax(self.logits(hidden), axis=-1))
 
     def soft_targets(self, token_probs: jax.Array, rows: jax.Array, spelling: DeviceSpelling

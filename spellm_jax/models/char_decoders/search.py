@@ -61,6 +61,7 @@ def search_rows(step: Step, state: Any, k: int, pad: int, *, trie: DeviceSpellin
         logits, state = step(state, previous, i)
         allowed = trie.trie_allowed(i, lo) if constrained else None
         log_probs = constrained_log_probs(logits.astype(jnp.float32), allowed)
+        log_probs = jnp.where(jnp.isnan(log_probs), -jnp.inf, log_probs)  # hypotheses with no mass
         is_pad = jnp.arange(logits.shape[-1]) == pad
         log_probs = jnp.where(done[..., None], jnp.where(is_pad, 0.0, -jnp.inf), log_probs)
         if beam == 1:
