@@ -25,6 +25,7 @@ flags.DEFINE_integer("last_word_items", 500, "Items of the last-word completion 
 flags.DEFINE_integer("prompts", 32, "Held-out prompts continued greedily by teacher and SpeLLM.")
 flags.DEFINE_integer("new_tokens", 32, "Tokens per greedy continuation.")
 flags.DEFINE_integer("real_text_rows", 16, "Teacher-forced rows of held-out real text.")
+flags.DEFINE_integer("beam", 1, "Strings the SpeLLM's decoder searches per step (chain kind).")
 flags.DEFINE_list("ceiling_ks", ["4", "6", "8", "12", "16", "24"],
                   "k values at which the independence ceiling is computed.")
 
@@ -141,6 +142,7 @@ def main(argv: list[str]) -> None:
         corpora=tuple(config.data.corpora), prompts=FLAGS.prompts, new_tokens=FLAGS.new_tokens,
         prompt_tokens=config.data.prompt_tokens, real_text_rows=FLAGS.real_text_rows,
         last_word_items=FLAGS.last_word_items, ceiling_ks=tuple(map(int, FLAGS.ceiling_ks)),
+        beam=FLAGS.beam,
         seed=config.seed)
     metrics = evaluate(model, teacher_model, Respeller(spelling, tokenizer), settings)
     metrics["source"] = str(Path(source).resolve())

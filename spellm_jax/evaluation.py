@@ -73,8 +73,9 @@ def _next_log_probs(log_probs: jax.Array, ids: jax.Array) -> jax.Array:
     return picked.at[-1].set(0.0)
 
 
-@functools.partial(nnx.jit, static_argnames=("full",))
-def _row_outputs(spellm, teacher, ids: jax.Array, full: bool = True) -> dict[str, jax.Array]:
+@functools.partial(nnx.jit, static_argnames=("full", "beam"))
+def _row_outputs(spellm, teacher, ids: jax.Array, full: bool = True, beam: int = 1
+                 ) -> dict[str, jax.Array]:
     """Per-position outputs of rows `[N, T]`, one row at a time: the choices of teacher and
     SpeLLM and, if `full`, log-probabilities of the next token, the target rows' teacher-forced
     symbol choices and the ceiling."""
@@ -82,7 +83,7 @@ def _row_outputs(spellm, teacher, ids: jax.Array, full: bool = True) -> dict[str
     def one_row(row_ids):
         teacher_logits = teacher(row_ids[None])[0]
         hidden = spellm.model(row_ids[None])[0][0]
-        outputs = spelled_choices(spellm, hidden)
+        outputs = spelled_choices(spellm, hidden, beam)
         outputs["teacher"] = jnp.argmax(teacher_logits, axis=-1)
         if full:
             ceiling_free, ceiling_vocab = independence_ceiling(teacher_logits, spellm.spelling)
@@ -133,9 +134,10 @@ def _batched(rows: np.ndarray, fn: Callable[[jax.Array], Any], progress: str | N
 
 
 def position_outputs(spellm, teacher, rows: np.ndarray, progress: str | None = None,
-                     full: bool = True) -> dict[str, np.ndarray]:
+                     full: bool = True, beam: int = 1) -> dict[str, np.ndarray]:
     """`_row_outputs` for any number of rows `[N, T]`, as numpy."""
-    return _batched(rows, lambda ids: _row_outputs(spellm, teacher, ids, full=full), progress)
+    return _batched(rows, lambda ids: _row_outputs(spellm, teacher, ids, full=full, beam=beam),
+                    progress)
 
 
 def emitted_strings(free_rows: np.ndarray, free_tokens: np.ndarray, respeller: Respeller
@@ -209,11 +211,13 @@ def matching_prefix(reference: Sequence[int], other: Sequence[int]) -> int:
 
 
 def greedy_continuations(spellm, teacher, prompts, new_tokens: int, respeller: Respeller,
-                         eos_ids: Sequence[int], pad_id: int) -> dict[str, list[list[int]]]:
-    """Greedy continuations of `prompts` by the teacher (LM head) and by the SpeLLM (free, vocab)."""
+                         eos_ids: Sequence[int], pad_id: int, beam: int = 1
+                         ) -> dict[str, list[list[int]]]:
+    """Greedy continuations of `prompts` by the teacher (LM head) and by the SpeLLM (free, vocab;
+    the best of `beam` strings per step where the decoder searches)."""
     runs = {"teacher": (teacher, decoding.LMHeadRule()),
-            "free": (spellm, decoding.FreeRule(respeller=respeller)),
-            "vocab": (spellm, decoding.VocabRule())}
+            "free": (spellm, decoding.FreeRule(respeller=respeller, beam=beam)),
+            "vocab": (spellm, decoding.VocabRule(beam=beam))}
     return {name: decoding.generate(model, prompts, new_tokens, rule, eos_ids=eos_ids,
                                     pad_id=pad_id).tokens for name, (model, rule) in runs.items()}
 
@@ -264,6 +268,7 @@ class EvalSettings:
     last_word_context: int = 40  # context tokens before each target word
     ceiling_ks: tuple[int, ...] = CEILING_KS
     seed: int = 0
+    beam: int = 1  # strings the SpeLLM's decoder searches per step (chain kind)
 
 
 def _real_text_rows(documents: dict[str, str], tokenizer, settings: EvalSettings
@@ -287,15 +292,15 @@ def evaluate(spellm, teacher, respeller: Respeller, settings: EvalSettings) -> d
     pad_id = tokenizers.pad_id(tokenizer)
     documents = load_corpora(settings.corpora, "heldout")
     rows, mask = _real_text_rows(documents, tokenizer, settings)
-    outputs = position_outputs(spellm, teacher, rows, "real text")
+    outputs = position_outputs(spellm, teacher, rows, "real text", beam=settings.beam)
     real_text = agreement_metrics(outputs, mask, rows, respeller)
 
     prompts = evaluation_prompts(settings.corpora, tokenizer, settings.prompts,
                                  settings.prompt_tokens, settings.seed)
     generations = greedy_continuations(spellm, teacher, prompts, settings.new_tokens, respeller,
-                                       list(spellm.config.eos_token_ids), pad_id)
+                                       list(spellm.config.eos_token_ids), pad_id, settings.beam)
     rows, mask = continuation_rows(prompts, generations["teacher"], pad_id)
-    outputs = position_outputs(spellm, teacher, rows, "continuations")
+    outputs = position_outputs(spellm, teacher, rows, "continuations", beam=settings.beam)
     continuations = agreement_metrics(outputs, mask, rows, respeller)
     for mode in ("free", "vocab"):
         prefixes = [matching_prefix(reference, other) for reference, other
