@@ -89,10 +89,10 @@ def _row_outputs(spellm, teacher, ids: jax.Array, full: bool = True, beam: int =
             ceiling_free, ceiling_vocab = independence_ceiling(teacher_logits, spellm.spelling)
             target_rows = spellm.spelling.rows_of(outputs["teacher"])
             outputs["forced_rows"] = jnp.argmax(spellm.char_heads.logits(hidden, target_rows), -1)
-            for beam in CHAIN_BEAMS:
+            for width in CHAIN_BEAMS:
                 for mode in ("free", "vocab"):
-                    outputs[f"chain_{mode}_beam{beam}"] = chain_ceiling(
-                        teacher_logits, spellm.spelling, beam, constrained=mode == "vocab")
+                    outputs[f"chain_{mode}_beam{width}"] = chain_ceiling(
+                        teacher_logits, spellm.spelling, width, constrained=mode == "vocab")
             outputs |= {
                 "spellm_logp": spellm.char_heads.token_log_probs(
                     hidden, spellm.spelling.rows_of(_following(row_ids)), spellm.spelling
