@@ -376,18 +376,24 @@ def _check_or_write_metadata(workdir: epath.Path, metadata: dict) -> None:
     path = workdir / METADATA_FILE
     if path.exists():
         old = json.loads(path.read_text())
-        recorded = {key: old.get(key) for key in ("teacher_source", "spelling_table_hash",
-                                                  "trainable")}
-        recorded["heads_config"] = old.get("heads_config")
-        if recorded["heads_config"] is not None:  # runs before `kind` existed: fields defaulted
-            recorded["heads_config"] = dataclasses.asdict(HeadsConfig(**recorded["heads_config"]))
-        for key, value in recorded.items():
-            if value != metadata[key]:
+        for key in ("teacher_source", "spelling_table_hash", "trainable", "heads_config"):
+            value, given = old.get(key), metadata[key]
+            if key == "heads_config":  # fields added since an older run wrote it take defaults
+                value, given = _with_default_fields(value), _with_default_fields(given)
+            if value != given:
                 raise ConfigError(
                     f"{workdir} holds a run with {key}={value!r}, but this config gives "
                     f"{metadata[key]!r}; use a fresh --workdir (nothing was overwritten).")
     if jax.process_index() == 0:
         path.write_text(json.dumps(metadata, indent=2))
+
+
+def _with_default_fields(heads: dict | None) -> dict | None:
+    """A recorded `HeadsConfig` dict with the fields it lacks at their defaults."""
+    if heads is None:
+        return None
+    return {field.name: field.default for field in dataclasses.fields(HeadsConfig)
+            if field.default is not dataclasses.MISSING} | heads
 
 
 def _eval_sequences(teacher_model, dataset, config) -> tuple[np.ndarray, np.ndarray]:

@@ -44,7 +44,7 @@ def test_logits_match_transformers_on_real_prompts(smollm2, smollm2_torch, smoll
 def test_greedy_generation_equals_transformers(smollm2, smollm2_torch):
     model, tokenizer = smollm2
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS[:2]]
-    ours = decoding.generate(model, prompts, 20, eos_ids=model.config.eos_token_ids)
+    ours = decoding.generate(model, prompts, 20, eos_ids=model.config.eos_token_ids).tokens
     for prompt, new in zip(prompts, ours, strict=True):
         with torch.no_grad():
             out = smollm2_torch.generate(torch.tensor([prompt]), max_new_tokens=20,
