@@ -1,6 +1,6 @@
 """Self-distillation presets: `--config=configs/llama.py:PRESET` (default `smollm2`).
 
-smollm2       the bundled SmolLM2-135M teacher, sized for a 2-core CPU (about 15 minutes)
+smollm2       the bundled SmolLM2-135M teacher, sized for a 2-core CPU (about 10 minutes)
 smollm2_long  the same teacher for about two hours, for better figures
 tiny          a random tiny model (tests)
 llama3_1b, llama3_8b, qwen2_7b    TPU pod slices

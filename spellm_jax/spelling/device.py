@@ -93,10 +93,6 @@ class DeviceSpelling(nnx.Module):
     def pad_symbol(self) -> int:
         return self.num_symbols - 1
 
-    @property
-    def vocab_size(self) -> int:
-        return self.table.shape[0]
-
     def rows_of(self, tokens: jax.Array) -> jax.Array:
         """The table rows `[..., k]` of token ids `[...]`."""
         return self.table[...][tokens]
