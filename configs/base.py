@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.seq_len = 128
     config.train.grad_accum = 1
     config.train.learning_rate = 5e-4
+    config.train.fresh_lr_scale = 1.0  # learning-rate multiplier for the decoder's new parameters
     config.train.warmup_steps = 5
     config.train.weight_decay = 0.01
     config.train.grad_clip = 1.0

@@ -96,13 +96,31 @@ def distillation_loss(graphdef, params, teacher_params, rest, batch: dict, spec:
 
 
 def make_optimizer(learning_rate: float, warmup_steps: int, total_steps: int, weight_decay: float,
-                   grad_clip: float) -> optax.GradientTransformation:
-    """AdamW with linear warmup and cosine decay, after global-norm clipping."""
+                   grad_clip: float, fresh: tuple[str, ...] = (), fresh_lr_scale: float = 1.0
+                   ) -> optax.GradientTransformation:
+    """AdamW with linear warmup and cosine decay, after global-norm clipping; the decoder's
+    parameters named in `fresh` (those that start from scratch) step `fresh_lr_scale` times
+    further."""
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, learning_rate, max(warmup_steps, 1), max(total_steps, warmup_steps + 1),
         end_value=learning_rate * 0.1)
-    return optax.chain(optax.clip_by_global_norm(grad_clip),
-                       optax.adamw(schedule, weight_decay=weight_decay))
+    parts = [optax.clip_by_global_norm(grad_clip), optax.adamw(schedule, weight_decay=weight_decay)]
+    if fresh and fresh_lr_scale != 1.0:
+        parts.append(_scale_decoder_updates(frozenset(fresh), fresh_lr_scale))
+    return optax.chain(*parts)
+
+
+def _scale_decoder_updates(names: frozenset[str], scale: float) -> optax.GradientTransformation:
+    """Multiplies the updates of the character decoder's parameters called `names`."""
+
+    def multiply(updates, params=None):
+        def one(path, update):
+            keys = {getattr(entry, "key", None) for entry in path}
+            return update * scale if "char_heads" in keys and keys & names else update
+
+        return jax.tree_util.tree_map_with_path(one, updates)
+
+    return optax.stateless(multiply)
 
 
 def train_step(graphdef, tx: optax.GradientTransformation, spec: DistillSpec, state: dict,

@@ -60,6 +60,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     if train.batch_size % num_processes:
         raise ConfigError(f"train.batch_size={train.batch_size} is not a multiple of the "
                           f"{num_processes} hosts.")
+    if train.fresh_lr_scale <= 0:
+        raise ConfigError(f"train.fresh_lr_scale={train.fresh_lr_scale} must be positive (1.0 "
+                          "trains the decoder's new parameters at train.learning_rate).")
     if train.seq_len % min(config.loss.chunk_size, train.seq_len):
         raise ConfigError(f"train.seq_len={train.seq_len} is not a multiple of "
                           f"loss.chunk_size={config.loss.chunk_size}.")
@@ -167,7 +170,9 @@ def build_student(config, teacher: Pretrained, spelling: SpellingTable, heads: H
                          prior_tokens=prior_tokens)
     graphdef, params, rest = split_model(model, spec)
     tx = make_optimizer(config.train.learning_rate, config.train.warmup_steps, config.train.steps,
-                        config.train.weight_decay, config.train.grad_clip)
+                        config.train.weight_decay, config.train.grad_clip,
+                        fresh=type(model.char_heads).FRESH_PARAMETERS,
+                        fresh_lr_scale=config.train.fresh_lr_scale)
     return spec, graphdef, params, rest, tx
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from spellm_jax.distill import make_optimizer
 from spellm_jax.models.char_decoders import HeadsConfig
 from spellm_jax.models.char_decoders.chain import ChainHeads, chain_targets
 from spellm_jax.models.char_decoders.independent import IndependentHeads
@@ -150,3 +151,21 @@ def test_trie_walk_matches_a_python_trie():
         want = {r[depth] for r in table if tuple(r[:depth]) == prefix}
         assert set(np.flatnonzero(allowed)) == want and int(hi[0] - lo[0]) == sum(
             tuple(r[:depth]) == prefix for r in table)
+
+
+def test_the_recurrence_steps_further_by_fresh_lr_scale():
+    ones = jnp.ones((3,))
+    params = {"char_heads": {"readout": ones, "kernel": ones}, "model": {"readout": ones}}
+    grads = jax.tree.map(lambda p: 0.5 * p, params)
+
+    def second_update(scale):  # the first update has learning rate 0 (warmup from 0)
+        tx = make_optimizer(1e-2, 1, 10, 0.0, 1.0, fresh=ChainHeads.FRESH_PARAMETERS,
+                            fresh_lr_scale=scale)
+        _, state = tx.update(grads, tx.init(params), params)
+        return tx.update(grads, state, params)[0]
+
+    base, fast = second_update(1.0), second_update(10.0)
+    np.testing.assert_allclose(fast["char_heads"]["readout"], 10 * base["char_heads"]["readout"])
+    assert float(jnp.abs(base["char_heads"]["readout"]).min()) > 0
+    np.testing.assert_array_equal(fast["char_heads"]["kernel"], base["char_heads"]["kernel"])
+    np.testing.assert_array_equal(fast["model"]["readout"], base["model"]["readout"])

@@ -28,6 +28,8 @@ class FixedToken(nnx.Module):
     """Ignores its input: one trainable `[k, C]` table of logits, initialised to spell the token
     `FIXED_SPELLING` with certainty."""
 
+    FRESH_PARAMETERS = ()
+
     def __init__(self, d: int, config: HeadsConfig, options: RuntimeOptions, rngs: nnx.Rngs):
         self.config = config
         self.table_logits = nnx.Param(jnp.zeros((config.k, config.num_symbols)))

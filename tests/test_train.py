@@ -42,6 +42,8 @@ def test_bad_configs_fail_before_any_compute():
     with pytest.raises(ConfigError, match="scan_layers=False"):
         trainer.validate(tiny_config(**{"train.trainable": "top_layers",
                                         "model.scan_layers": True}), 1)
+    with pytest.raises(ConfigError, match="fresh_lr_scale"):
+        trainer.validate(tiny_config(**{"train.fresh_lr_scale": 0.0}), 1)
     command = [sys.executable, "-m", "spellm_jax.train", "--config=configs/llama.py:tiny",
                "--workdir=/nonexistent/never"]
     unknown = subprocess.run([*command, "--config.train.stepz=3"], capture_output=True, text=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +54,7 @@ class CharDecoder(Protocol):
     """An `nnx.Module` from hidden states to the next token's spelling."""
 
     config: HeadsConfig
+    FRESH_PARAMETERS: ClassVar[tuple[str, ...]]  # parameters no LM head initialises
 
     def logits(self, hidden: jax.Array, rows: jax.Array | None = None) -> jax.Array:
         """Teacher-forced symbol logits `[..., k, C]` (fp32): symbol i given `rows[..., :i]`

@@ -60,6 +60,8 @@ class ChainHeads(IndependentHeads):
     """The independent heads' `W_i h + b_i` (same parameters and names) plus the width-r
     recurrence over the symbols chosen so far."""
 
+    FRESH_PARAMETERS = ("state_in", "transition", "symbol_embed", "readout")
+
     def __init__(self, d: int, config: HeadsConfig, options: RuntimeOptions, rngs: nnx.Rngs):
         super().__init__(d, config, options, rngs)
         k, c, r = config.k, config.num_symbols, config.recurrent_width

@@ -63,6 +63,8 @@ def lm_head_mean_init(spelling: SpellingTable, unembedding: np.ndarray,
 class IndependentHeads(nnx.Module):
     """Hidden states `[..., d]` -> symbol logits `[..., k, C]` (fp32), each head on its own."""
 
+    FRESH_PARAMETERS: tuple[str, ...] = ()  # every parameter starts from the LM head
+
     def __init__(self, d: int, config: HeadsConfig, options: RuntimeOptions, rngs: nnx.Rngs):
         self.config, self.dtype = config, options.dtype
         k, c = config.k, config.num_symbols
