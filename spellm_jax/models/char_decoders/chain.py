@@ -38,12 +38,13 @@ def chain_targets(token_probs: jax.Array, rows: jax.Array, spelling: DeviceSpell
     cumulative = jnp.concatenate([jnp.zeros_like(ordered[:, :1]), jnp.cumsum(ordered, -1)], -1)
     lo = jnp.zeros((len(probs), 1), jnp.int32)
     hi = jnp.full((len(probs), 1), spelling.trie_count, jnp.int32)
-    symbols = jnp.arange(c)[None]
+    symbols = jnp.arange(c + 1)[None]
     targets = []
     for i in range(k):
-        starts, stops = spelling.trie_narrow(i, lo, hi, symbols)  # [N, C]
-        mass = jnp.maximum(jnp.take_along_axis(cumulative, stops, -1)
-                           - jnp.take_along_axis(cumulative, starts, -1), 0.0)
+        # Symbol c's range ends where c + 1's begins: C + 1 searches give all C ranges.
+        bounds = spelling.trie_lower_bound(i, lo, hi, symbols)  # [N, C + 1]
+        at = jnp.take_along_axis(cumulative, bounds, -1)
+        mass = jnp.maximum(at[:, 1:] - at[:, :-1], 0.0)
         targets.append(mass / jnp.maximum(mass.sum(-1, keepdims=True), 1e-30))
         lo, hi = spelling.trie_narrow(i, lo, hi, rows[:, i:i + 1])
     return jnp.stack(targets, axis=1).reshape(*lead, k, c)
