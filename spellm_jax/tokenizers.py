@@ -15,15 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from spellm_jax import assets
+from spellm_jax.conversion.gguf_file import read_gguf_tokenizer
 
 _LLAMA_CPP_GGUFS = {"llama3": "ggml-vocab-llama-bpe.gguf", "qwen2": "ggml-vocab-qwen2.gguf"}
 TOKENIZER_NAMES = ("smollm2", "mistral", *_LLAMA_CPP_GGUFS)
-
-
-def _from_gguf(path: Path) -> Any:
-    import transformers
-
-    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 def _mistral_dir() -> Path:
@@ -52,12 +47,12 @@ def load_tokenizer(name: str) -> Any:
     import transformers
 
     if name == "smollm2":
-        return _from_gguf(assets.fetch(assets.SMOLLM2))
+        return read_gguf_tokenizer(assets.fetch(assets.SMOLLM2))
     if name == "mistral":
         if importlib.util.find_spec("sentencepiece") is None:
             raise ImportError("transformers reads SentencePiece .model files only with the `sentencepiece` "
                               "package installed: pip install sentencepiece==0.2.2")
         return transformers.AutoTokenizer.from_pretrained(str(_mistral_dir()))
     if name in _LLAMA_CPP_GGUFS:
-        return _from_gguf(assets.fetch(assets.LLAMA_CPP_VOCABS).parent / _LLAMA_CPP_GGUFS[name])
+        return read_gguf_tokenizer(assets.fetch(assets.LLAMA_CPP_VOCABS).parent / _LLAMA_CPP_GGUFS[name])
     raise ValueError(f"unknown tokenizer {name!r}; known: {', '.join(TOKENIZER_NAMES)}.")

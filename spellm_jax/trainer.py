@@ -201,8 +201,11 @@ def prepare(config, teacher: Pretrained, spelling: SpellingTable, heads: HeadsCo
         on = isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
         return x if on else jax.device_put(x, replicated)
 
+    # The optimizer state is laid out by the rules, as its parameters are (jit alone would leave
+    # Adam's zero-initialised moments replicated on every device).
+    opt_shardings = sharding.shardings_of(jax.eval_shape(tx.init, params), mesh)
     state = jax.tree.map(on_mesh, {"step": jnp.zeros((), jnp.int32), "params": params,
-                                   "opt_state": jax.jit(tx.init)(params)})
+                                   "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(params)})
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(("batch", "length")))
     step_fn = jax.jit(functools.partial(train_step, graphdef, tx, spec),

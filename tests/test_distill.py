@@ -4,6 +4,7 @@ import dataclasses
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
@@ -88,6 +89,9 @@ def test_parameters_carry_the_expected_partition_specs(tiny_teacher):
     assert layer["mlp"]["down_proj"]["kernel"].sharding.spec == PartitionSpec("tensor", "fsdp")
     assert params["model"]["embed_tokens"].sharding.spec == PartitionSpec("tensor", "fsdp")
     assert params["char_heads"]["kernel"].sharding.spec == PartitionSpec(None, "fsdp", None)
+    for moments in (optax.tree.get(setup.state["opt_state"], name) for name in ("mu", "nu")):
+        for moment, param in zip(jax.tree.leaves(moments), jax.tree.leaves(params), strict=True):
+            assert moment.sharding.spec == param.sharding.spec  # Adam's state sharded alike
     assert setup.batch_sharding.spec == PartitionSpec(("data", "fsdp"), None)
 
 
