@@ -66,10 +66,14 @@ def load(checkpoints: list[str]) -> list[tuple]:
         from spellm_jax.runs import load_spellm
 
         return [(*load_spellm(path), path) for path in checkpoints]
-    from spellm_jax.pretrained import spellm_from_pretrained
+    from spellm_jax.pretrained import build_spellm, load_source
+    from spellm_jax.spelling import SpellingTable
 
-    return [(*spellm_from_pretrained("smollm2", kind=kind),
-             f"smollm2 with untrained {kind} heads") for kind in ("independent", "chain")]
+    teacher = load_source("smollm2")
+    spelling = SpellingTable.from_tokenizer(teacher.tokenizer, 16, teacher.config.vocab_size)
+    return [(build_spellm(teacher, spelling, HeadsConfig(16, spelling.num_symbols, kind=kind)),
+             teacher.tokenizer, spelling, f"smollm2 with untrained {kind} heads")
+            for kind in ("independent", "chain")]
 
 
 def torch_model(model, tokenizer, spelling):

@@ -114,15 +114,14 @@ def load_exported(source: str, options: RuntimeOptions | None = None
     return model, pretrained.tokenizer, parts.spelling
 
 
-def spellm_from_pretrained(source: str, *, k: int = 16, kind: str = "independent",
-                           heads: HeadsConfig | None = None, options: RuntimeOptions | None = None,
-                           seed: int = 0) -> tuple[SpeLLM, Any, SpellingTable]:
-    """`(model, tokenizer, spelling)`: an untrained SpeLLM with a decoder of `kind` (or `heads`),
-    from the LM head by default."""
+def spellm_from_pretrained(source: str, *, k: int = 16, heads: HeadsConfig | None = None,
+                           options: RuntimeOptions | None = None, seed: int = 0
+                           ) -> tuple[SpeLLM, Any, SpellingTable]:
+    """`(model, tokenizer, spelling)`: an untrained SpeLLM (heads from the LM head by default)."""
     pretrained = load_source(source)
     if pretrained.tokenizer is None:
         raise ValueError(f"{source} ships no tokenizer; a SpeLLM needs one to spell its vocabulary.")
     spelling = SpellingTable.from_tokenizer(pretrained.tokenizer, k,
                                             vocab_size=pretrained.config.vocab_size)
-    heads = heads or HeadsConfig(k=k, num_symbols=spelling.num_symbols, kind=kind)
+    heads = heads or HeadsConfig(k=k, num_symbols=spelling.num_symbols)
     return build_spellm(pretrained, spelling, heads, options, seed), pretrained.tokenizer, spelling

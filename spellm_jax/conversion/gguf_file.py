@@ -75,9 +75,9 @@ def read_gguf_config(path: Path) -> dict[str, Any]:
         return json.loads((kept / "config.json").read_text())
     config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
     config.pop("quantization_config", None)
-    config = json.loads(json.dumps(config))  # as it reads back
-    _keep(kept, lambda directory: (directory / "config.json").write_text(json.dumps(config)))
-    return config
+    text = json.dumps(config)
+    _keep(kept, lambda directory: (directory / "config.json").write_text(text))
+    return json.loads(text)  # as it reads back
 
 
 def read_gguf_tokenizer(path: Path) -> Any:
@@ -105,11 +105,13 @@ def _keep(target: Path, write: Callable[[Path], Any]) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+    except OSError:
+        return
+    try:
         write(staging)
         staging.rename(target)
     except OSError:
-        if "staging" in locals():
-            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def read_gguf_tensors(path: Path, hf_config: dict[str, Any], show_progress: bool = False
