@@ -1,12 +1,13 @@
 """Decoding speed of SpeLLM against the ordinary LM head, and against transformers' PyTorch.
 
-    python bench/decode.py [--checkpoint=workdir/smollm2] [--repeats=9] [--batches 1 8]
+    python bench/decode.py [--checkpoint DIR [DIR ...]] [--beams 1 4] [--repeats=9] [--batches 1 8]
 
 One run, one machine: greedy decoding of 128 new tokens after 64-token prompts (held-out text),
-at batch 1 and 8, with the LM head, SpeLLM free and SpeLLM vocabulary-constrained decoding on the
-same backbone and the same compiled loop (`spellm_jax.decoding.generate` on
-`fused_for_inference(model)`), and transformers' `generate` on the same weights; at batch 1 also
-the LM head on the model before fusion. Repeats are interleaved, in alternating order; a repeat's
+at batch 1 and 8, with the LM head, and SpeLLM free and vocabulary-constrained decoding of every
+checkpoint given (each decoder kind; the chain kind also with each beam width), in the same
+compiled loop (`spellm_jax.decoding.generate` on `fused_for_inference(model)`), and transformers'
+`generate` on the first checkpoint's weights; at batch 1 also the LM head on the model before
+fusion. Repeats are interleaved, in alternating order; a repeat's
 per-token time is (time for 128 new tokens - median time for 1) / 127, so prefill is not counted.
 The table shows medians over repeats, the median and range of each repeat's own ratio to the
 LM head, and the fastest repeat of each mode. Then a head-only micro-benchmark and a FLOPs/bytes
@@ -30,14 +31,14 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from spellm_jax import decoding
-from spellm_jax.models.char_heads import HeadsConfig, head_cost
+from spellm_jax import decoding, tokenizers
+from spellm_jax.models.char_decoders import HeadsConfig
+from spellm_jax.models.char_decoders.independent import head_cost
 from spellm_jax.models.config import ModelConfig
+from spellm_jax.spelling import Respeller
 
 PROMPT_TOKENS, NEW_TOKENS, BATCHES = 64, 128, (1, 8)
 RESULTS = Path(__file__).resolve().parent / "results"
-JAX_MODES = {"lm_head": decoding.LMHeadRule(), "free": decoding.FreeRule(),
-             "vocab": decoding.VocabRule()}
 # Public shapes for the FLOPs table; C is the SpeLLM alphabet of each tokenizer (k = 16).
 SHAPES = {
     "SmolLM2-135M": (ModelConfig(49152, 576, 1536, 30, 9, 3, 64, tie_word_embeddings=True), 274),
@@ -58,15 +59,21 @@ def machine() -> str:
             f"torch {torch.__version__} ({torch.get_num_threads()} threads); fp32")
 
 
-def load(checkpoint: str | None):
-    """The SpeLLM to time: a trained checkpoint, else the bundled teacher with untrained heads."""
-    if checkpoint:
-        from spellm_jax.trainer import load_spellm
+def load(checkpoints: list[str]) -> list[tuple]:
+    """`(model, tokenizer, spelling, source)` of each SpeLLM to time: trained checkpoints, else
+    the bundled teacher with untrained decoders of both kinds (their speed, not their text)."""
+    if checkpoints:
+        from spellm_jax.runs import load_spellm
 
-        return (*load_spellm(checkpoint), checkpoint)
-    from spellm_jax.pretrained import spellm_from_pretrained
+        return [(*load_spellm(path), path) for path in checkpoints]
+    from spellm_jax.pretrained import build_spellm, load_source
+    from spellm_jax.spelling import SpellingTable
 
-    return (*spellm_from_pretrained("smollm2"), "smollm2 with untrained heads (from the LM head)")
+    teacher = load_source("smollm2")
+    spelling = SpellingTable.from_tokenizer(teacher.tokenizer, 16, teacher.config.vocab_size)
+    return [(build_spellm(teacher, spelling, HeadsConfig(16, spelling.num_symbols, kind=kind)),
+             teacher.tokenizer, spelling, f"smollm2 with untrained {kind} heads")
+            for kind in ("independent", "chain")]
 
 
 def torch_model(model, tokenizer, spelling):
@@ -80,23 +87,34 @@ def torch_model(model, tokenizer, spelling):
         return AutoModelForCausalLM.from_pretrained(out).eval()
 
 
-def decode_timers(model, unfused, reference, tokenizer, spelling, prompts
+def spellm_modes(models: list, beams: list[int]):
+    """`(name, model, spelling, mode, beam)` of each SpeLLM mode to time: free and vocab for
+    every model, with each of `beams` for the chain kind (the kind that searches)."""
+    for model, spelling in models:
+        kind = model.heads_config.kind
+        for beam in beams if kind == "chain" else [1]:
+            for mode in ("free", "vocab"):
+                yield f"{kind} {mode}" + (f" beam {beam}" if beam > 1 else ""), model, spelling, \
+                    mode, beam
+
+
+def decode_timers(models: list, unfused, reference, tokenizer, prompts, beams: list[int]
                   ) -> dict[str, Callable[[int], dict]]:
-    """Per mode, a function that decodes `n` new tokens for `prompts` and returns stats: the JAX
-    modes on `model`, the LM head on `unfused` too (unless None) and transformers' `reference`."""
+    """Per mode, a function that decodes `n` new tokens for `prompts` and returns stats: the LM
+    head on the first of `models` (and on `unfused`, unless None), each model's SpeLLM modes
+    (`"chain free beam 4"`, ...) and transformers' `reference`."""
     import torch
 
-    def jax_timer(rule, model=model):
+    def jax_timer(rule, model):
         def run(n: int) -> dict:
-            stats: dict = {}
             start = time.perf_counter()
-            out = decoding.generate(model, prompts, n, rule, spelling=spelling, tokenizer=tokenizer,
-                                    stats=stats)
-            return stats | {"seconds": time.perf_counter() - start,
-                            "tokens": sum(min(len(o), n) for o in out)}
+            out = decoding.generate(model, prompts, n, rule)
+            return {"seconds": time.perf_counter() - start, "host_round_trips": out.host_round_trips,
+                    "tokens": sum(min(len(o), n) for o in out.tokens)}
         return run
 
-    ids, mask = decoding.left_pad(prompts, tokenizer.pad_token_id or 0, bucket=1)
+    pad_id = tokenizers.pad_id(tokenizer)
+    ids, mask = decoding.left_pad(prompts, pad_id, bucket=1)
 
     def torch_run(n: int) -> dict:
         start = time.perf_counter()
@@ -104,10 +122,13 @@ def decode_timers(model, unfused, reference, tokenizer, spelling, prompts
             out = reference.generate(torch.as_tensor(ids, dtype=torch.long),
                                      attention_mask=torch.as_tensor(mask, dtype=torch.long),
                                      max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id or 0)
+                                     pad_token_id=pad_id)
         return {"seconds": time.perf_counter() - start, "tokens": (out.shape[1] - ids.shape[1]) * len(ids)}
 
-    timers = {name: jax_timer(rule) for name, rule in JAX_MODES.items()}
+    timers = {"lm_head": jax_timer(decoding.LMHeadRule(), models[0][0])}
+    for name, model, spelling, mode, beam in spellm_modes(models, beams):
+        rule = decoding.rule_for(mode, respeller=Respeller(spelling, tokenizer), beam=beam)
+        timers[name] = jax_timer(rule, model)
     if unfused is not None:
         timers["lm_head_unfused"] = jax_timer(decoding.LMHeadRule(), unfused)
     return timers | {"torch": torch_run}
@@ -144,15 +165,16 @@ def time_decoding(timers: dict[str, Callable[[int], dict]], batch: int, repeats:
     return results
 
 
-def time_heads(model, batch: int, iterations: int = 200) -> dict:
-    """The output layer alone on random hidden states `[batch, d]`: LM head + argmax against k
-    heads + symbol argmax + lookup (free) and + vocabulary scoring (vocab)."""
-    hidden = jax.random.normal(jax.random.key(0), (batch, model.config.hidden_size))
-    functions = {
-        "lm_head": jax.jit(lambda h: jnp.argmax(model.lm_logits(h), axis=-1)),
-        "free": jax.jit(lambda h: model.lookup_tokens(jnp.argmax(model.char_logits(h), axis=-1))),
-        "vocab": jax.jit(lambda h: jnp.argmax(model.vocab_log_scores(model.char_logits(h)), -1)),
-    }
+def time_heads(models: list, batch: int, beams: list[int], iterations: int = 200) -> dict:
+    """The output layer alone on random hidden states `[batch, d]`: LM head + argmax against
+    each decoder's choice + lookup, free and vocabulary-constrained (and with each beam width
+    where the decoder searches)."""
+    first = models[0][0]
+    hidden = jax.random.normal(jax.random.key(0), (batch, first.config.hidden_size))
+    functions = {"lm_head": jax.jit(lambda h: jnp.argmax(first.lm_logits(h), axis=-1))}
+    for name, model, _, mode, beam in spellm_modes(models, beams):
+        functions[name] = jax.jit(lambda h, m=model, c=mode == "vocab", b=beam: m.spelling.lookup(
+            m.char_heads.choose(h, m.spelling, constrained=c, beam=b)))
     timings: dict[str, list[float]] = {name: [] for name in functions}
     for fn in functions.values():
         fn(hidden).block_until_ready()
@@ -193,21 +215,22 @@ def markdown(report: dict) -> str:
              "| batch | decoding | ms / token | tokens / s | vs LM head | range | best ms / token | "
              "best vs LM head | host round trips |",
              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    labels = {"lm_head": "LM head (baseline)", "free": "SpeLLM free", "vocab": "SpeLLM vocab",
-              "lm_head_unfused": "LM head, unfused q/k/v and gate/up",
+    labels = {"lm_head": "LM head (baseline)", "lm_head_unfused": "LM head, unfused q/k/v and gate/up",
               "torch": "transformers PyTorch (LM head)"}
     for batch, results in report["decoding"].items():
         for name, r in results.items():
             low, high = r["speedup_range"]
-            lines.append(f"| {batch} | {labels[name]} | {r['per_token_ms']:.2f} | "
+            lines.append(f"| {batch} | {labels.get(name, 'SpeLLM ' + name)} | {r['per_token_ms']:.2f} | "
                          f"{r['tokens_per_s']:.1f} | {r['speedup_vs_lm_head']:.3f}x | "
                          f"{low:.2f} to {high:.2f} | {r['best_per_token_ms']:.2f} | "
                          f"{r['best_speedup_vs_lm_head']:.3f}x | {r['host_round_trips']:g} |")
-    lines += ["", "Output layer alone (median µs per call):", "",
-              "| batch | LM head + argmax | k heads + argmax + lookup (free) | k heads + vocab scores |",
-              "| ---: | ---: | ---: | ---: |"]
+    lines += ["", "Output layer alone (median µs per call: LM head + argmax, each decoder's "
+              "choice + lookup):", ""]
     for batch, r in report["heads_only_us"].items():
-        lines.append(f"| {batch} | {r['lm_head']:.0f} | {r['free']:.0f} | {r['vocab']:.0f} |")
+        if batch == next(iter(report["heads_only_us"])):
+            lines += ["| batch | " + " | ".join(labels.get(n, n) for n in r) + " |",
+                      "| ---: |" + " ---: |" * len(r)]
+        lines.append(f"| {batch} | " + " | ".join(f"{us:.0f}" for us in r.values()) + " |")
     lines += ["", "Per decoded token, batch 1, 192 keys in the cache, k = 16 linear heads (MACs; "
               "weight MB read in bf16):", "",
               "| shape | backbone | LM head | heads | LM head share | ideal speed-up | "
@@ -223,9 +246,12 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", default="workdir/smollm2" if Path(
-        "workdir/smollm2/spellm.json").exists() else None, help="trained SpeLLM (default: the "
-        "README's default run if present, else untrained heads on the bundled teacher)")
+    parser.add_argument("--checkpoint", nargs="+", default=["workdir/smollm2"] if Path(
+        "workdir/smollm2/spellm.json").exists() else [], help="trained SpeLLMs (default: the "
+        "README's default run if present, else untrained decoders of both kinds on the bundled "
+        "teacher)")
+    parser.add_argument("--beams", type=int, nargs="+", default=[1, 4],
+                        help="beam widths for the chain kind")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     args = parser.parse_args()
@@ -233,18 +259,20 @@ def main() -> None:
     from spellm_jax.data import evaluation_prompts
     from spellm_jax.models.llama import fused_for_inference
 
-    unfused, tokenizer, spelling, source = load(args.checkpoint)
+    loaded = load(args.checkpoint)
+    unfused, tokenizer, spelling, _ = loaded[0]
     reference = torch_model(unfused, tokenizer, spelling)
-    model = fused_for_inference(unfused)
+    models = [(fused_for_inference(model), spelling) for model, _, spelling, _ in loaded]
     pool = evaluation_prompts(("shakespeare", "wiki"), tokenizer, max(args.batches), PROMPT_TOKENS)
-    report = {"machine": machine(), "model": source, "prompt_tokens": PROMPT_TOKENS,
+    report = {"machine": machine(), "model": "; ".join(source for *_, source in loaded),
+              "prompt_tokens": PROMPT_TOKENS,
               "new_tokens": NEW_TOKENS, "repeats": args.repeats, "decoding": {},
               "heads_only_us": {}, "flops": flops_table()}
     for batch in args.batches:
-        timers = decode_timers(model, unfused if batch == 1 else None, reference, tokenizer,
-                               spelling, pool[:batch])
+        timers = decode_timers(models, unfused if batch == 1 else None, reference, tokenizer,
+                               pool[:batch], args.beams)
         report["decoding"][str(batch)] = time_decoding(timers, batch, args.repeats)
-        report["heads_only_us"][str(batch)] = time_heads(model, batch)
+        report["heads_only_us"][str(batch)] = time_heads(models, batch, args.beams)
         print(markdown(report), flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "decode.json").write_text(json.dumps(report, indent=2))

@@ -17,16 +17,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import jax.numpy as jnp
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from spellm_jax import decoding
 from spellm_jax.data import evaluation_prompts
-from spellm_jax.export import export_spellm
+from spellm_jax.export import export_spellm, parity_with_torch
+from spellm_jax.runs import load_spellm, run_metadata
+from spellm_jax.spelling import Respeller
 from spellm_jax.torch_spellm import TorchSpeLLM
-from spellm_jax.trainer import load_spellm, run_metadata
 
 
 def main() -> None:
@@ -42,29 +38,15 @@ def main() -> None:
         out = export_spellm(model, tokenizer, spelling, Path(tmp) / "export",
                             base_model=run_metadata(args.checkpoint)["teacher_source"])
         spellm = TorchSpeLLM.from_pretrained(out)
-    lm_diff = chars_diff = 0.0
-    for prompt in prompts:
-        hidden, _ = model.model(jnp.asarray([prompt]))
-        with torch.no_grad():
-            torch_hidden = spellm.lm.model(input_ids=torch.tensor([prompt])).last_hidden_state
-            torch_lm = spellm.lm.lm_head(torch_hidden).numpy()
-            torch_chars = spellm.char_logits(torch_hidden).numpy()
-        jax_chars = np.asarray(model.char_logits(hidden))
-        unmasked = jax_chars > -1e8  # symbols no token has at a position carry a -1e9 mask
-        lm_diff = max(lm_diff, float(np.abs(torch_lm - np.asarray(model.lm_logits(hidden))).max()))
-        chars_diff = max(chars_diff, float(np.abs(torch_chars - jax_chars)[unmasked].max()))
+    parity = parity_with_torch(model, Respeller(spelling, tokenizer), spellm, prompts,
+                               args.new_tokens)
     print(f"{args.checkpoint}: {len(prompts)} held-out prompts of 24 tokens")
-    print(f"max |LM logits (torch) - LM logits (JAX)| = {lm_diff:.2e}")
-    print(f"max |char logits (torch) - char logits (JAX)| = {chars_diff:.2e}")
-    eos = list(model.config.eos_token_ids)
-    rules = {"free": decoding.FreeRule(), "vocab": decoding.VocabRule(),
-             "lm_head": decoding.LMHeadRule()}
-    for mode, rule in rules.items():
-        expected = decoding.generate(model, prompts, args.new_tokens, rule, eos_ids=eos,
-                                     spelling=spelling, tokenizer=tokenizer)
-        got = spellm.generate(prompts, args.new_tokens, mode=mode)
-        same = sum(a == b for a, b in zip(expected, got, strict=True))
-        print(f"greedy {args.new_tokens} tokens, {mode}: {same}/{len(prompts)} prompts identical")
+    print(f"max |LM logits (torch) - LM logits (JAX)| = {parity['lm_max_diff']:.2e}")
+    print(f"max |char logits (torch) - char logits (JAX)| = {parity['chars_max_diff']:.2e}")
+    print(f"the same symbols masked: {parity['same_masks']}")
+    for mode, same in parity["identical"].items():
+        print(f"greedy {args.new_tokens} tokens, {mode}: {'identical' if same else 'DIFFERENT'} "
+              f"for all {len(prompts)} prompts")
 
 
 if __name__ == "__main__":

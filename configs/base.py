@@ -23,6 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.tiny.num_kv_heads = 2
 
     config.heads = ml_collections.ConfigDict()
+    config.heads.kind = "independent"  # the character decoder: independent | chain
+    config.heads.recurrent_width = 128  # chain: width of the state over the symbols so far
     config.heads.k = 16  # 0: the smallest k covering `coverage_target` of the training tokens
     config.heads.coverage_target = 0.999
     config.heads.use_bias = True
@@ -40,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.seq_len = 128
     config.train.grad_accum = 1
     config.train.learning_rate = 5e-4
+    config.train.fresh_lr_scale = 1.0  # learning-rate multiplier for the decoder's new parameters
     config.train.warmup_steps = 5
     config.train.weight_decay = 0.01
     config.train.grad_clip = 1.0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 from collections.abc import Mapping
@@ -10,19 +9,9 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
 
-from spellm_jax.models.params import flatten, unflatten
-
-
-def as_path(path: str | os.PathLike) -> epath.Path:
-    """A local or cloud (`gs://`) path for run directories; local paths are made absolute, as
-    Orbax needs. Cloud paths need `gcsfs` (installed on TPU VMs by `launch/run_on_tpu.sh`)."""
-    text = os.fspath(path)
-    if text.startswith("gs://") and importlib.util.find_spec("gcsfs") is None:
-        raise FileNotFoundError(f"{text}: gs:// paths need gcsfs; `pip install gcsfs "
-                                "google-cloud-storage` (launch/run_on_tpu.sh does on TPU VMs).")
-    return epath.Path(text if "://" in text else os.path.abspath(os.path.expanduser(text)))
+from spellm_jax.models.params import flatten, shape_differences, unflatten
+from spellm_jax.paths import as_path
 
 
 def save_params(path: Path, flat_params: Mapping[str, jax.Array]) -> None:
@@ -78,6 +67,13 @@ def flatten_tree(tree) -> tuple[dict, object]:
     return {jax.tree_util.keystr(path): leaf for path, leaf in leaves}, treedef
 
 
+def _pytree_restore(target: dict, partial: bool = False) -> ocp.args.PyTreeRestore:
+    """Restore arguments placing each entry as its ShapeDtypeStruct in `target` says (shape,
+    dtype, sharding); `partial` reads only the entries `target` names."""
+    return ocp.args.PyTreeRestore(item=target, partial_restore=partial,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+
+
 class TrainCheckpoints:
     """Orbax CheckpointManager over `workdir/checkpoints`: train state (as a flat dict of paths we
     own), data-iterator state and metadata JSON per step. `checkpoint N` = state after N updates."""
@@ -86,7 +82,7 @@ class TrainCheckpoints:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=save_every,
             enable_async_checkpointing=async_save, create=True)
-        handlers = {"state": ocp.StandardCheckpointHandler(),
+        handlers = {"state": ocp.PyTreeCheckpointHandler(),
                     "data": ocp.JsonCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(as_path(workdir) / "checkpoints",
                                              options=options, item_handlers=handlers)
@@ -98,29 +94,50 @@ class TrainCheckpoints:
              ) -> bool:
         flat, _ = flatten_tree(state)
         return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(flat), data=ocp.args.JsonSave(data_state),
+            state=ocp.args.PyTreeSave(flat), data=ocp.args.JsonSave(data_state),
             metadata=ocp.args.JsonSave(metadata)), force=force)
 
     def restore(self, step: int, abstract_state) -> tuple[object, dict, dict]:
-        """Restores into `abstract_state` (ShapeDtypeStructs carrying the target shardings)."""
+        """Restores into `abstract_state` (ShapeDtypeStructs carrying the target shardings):
+        the state, the data-iterator state and the metadata."""
         target, treedef = flatten_tree(abstract_state)
-        stored = self.manager.item_metadata(step)["state"]
-        stored_shapes = {k: tuple(v.shape) for k, v in stored.items()}
-        target_shapes = {k: tuple(v.shape) for k, v in target.items()}
-        if stored_shapes != target_shapes:
-            missing = sorted(set(target_shapes) - set(stored_shapes))[:5]
-            extra = sorted(set(stored_shapes) - set(target_shapes))[:5]
-            wrong = sorted(k for k in set(target_shapes) & set(stored_shapes)
-                           if target_shapes[k] != stored_shapes[k])[:5]
-            raise CheckpointMismatchError(
-                f"checkpoint {step} in {self.manager.directory} does not fit this run: missing "
-                f"{missing}, unexpected {extra}, different shapes {wrong}. It was written with "
-                "another model, trainable set or heads config; use a fresh --workdir.")
+        self._check(step, target, partial=False)
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
+            state=_pytree_restore(target), data=ocp.args.JsonRestore(),
             metadata=ocp.args.JsonRestore()))
         leaves = [restored["state"][key] for key in target]
         return jax.tree_util.tree_unflatten(treedef, leaves), restored["data"], restored["metadata"]
+
+    def restore_params(self, step: int, abstract_params, fresh=None):
+        """Only the trained parameters (`state["params"]`) of checkpoint `step`: no optimizer
+        state is read or needs a target. Given `fresh` (concrete parameters of the same
+        structure), parameters the checkpoint lacks keep their `fresh` values (a run of another
+        decoder kind that adds parameters) instead of being refused."""
+        target, treedef = flatten_tree({"params": abstract_params})
+        stored = self.manager.item_metadata(step)["state"]
+        kept = {key: value for key, value in target.items() if fresh is None or key in stored}
+        self._check(step, kept, partial=True)
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=_pytree_restore(kept, partial=True)))["state"]
+        defaults = {} if fresh is None else flatten_tree({"params": fresh})[0]
+        leaves = [restored[key] if key in restored else defaults[key] for key in target]
+        return jax.tree_util.tree_unflatten(treedef, leaves)["params"]
+
+    def _check(self, step: int, target: dict, partial: bool) -> None:
+        """Refuses, with a readable message, a flat restore `target` unless checkpoint `step`
+        stores exactly (or, if `partial`, at least) its entries with the same shapes."""
+        stored = self.manager.item_metadata(step)["state"]
+        stored_shapes = {k: tuple(v.shape) for k, v in stored.items()}
+        target_shapes = {k: tuple(v.shape) for k, v in target.items()}
+        if partial:
+            stored_shapes = {k: v for k, v in stored_shapes.items() if k in target_shapes}
+        if stored_shapes != target_shapes:
+            missing, unexpected, different = shape_differences(target_shapes, stored_shapes)
+            raise CheckpointMismatchError(
+                f"checkpoint {step} in {self.manager.directory} does not fit this run: missing "
+                f"{missing[:5]}, unexpected {unexpected[:5]}, different shapes {different[:5]}. "
+                "It was written with another model, trainable set or heads config; use a fresh "
+                "--workdir.")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

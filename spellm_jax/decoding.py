@@ -1,98 +1,97 @@
 """Batched KV-cache decoding: one compiled prefill, one compiled on-device loop, pluggable output rule.
 
 An output rule maps the final hidden state of each row to its next input token. The LM-head rule
-is the baseline; the character-head rules of SpeLLM plug into the same loop.
+is the baseline; the character-decoder rules of SpeLLM plug into the same loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from spellm_jax import tokenizers
 from spellm_jax.models.llama import KVCache
-from spellm_jax.models.spellm import SpeLLM
+from spellm_jax.sampling import GREEDY, Sampling, sample
+from spellm_jax.spelling import Respeller
 
 PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this, so lengths share compilations
 
 
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """Greedy when temperature is 0; otherwise temperature, then top-k, then top-p (nucleus)."""
+class OutputRule:
+    """Maps hidden states `[B, d]` to `(next token ids [B], spelled rows [B, row_width])`; a
+    token id of -1 asks the host (`host_ids`) to turn that row's string into input ids. Rules
+    are frozen dataclasses: they are static arguments of the compiled loop, compared by their
+    settings only."""
 
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"invalid sampling settings {self}: need temperature >= 0, "
-                             "top_k >= 0 and 0 < top_p <= 1.")
-
-
-def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-    """Index drawn from the last axis of `logits` (any leading shape)."""
-    if sampling.temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / sampling.temperature
-    if sampling.top_k:
-        kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if sampling.top_p < 1:
-        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p (always at least the best token).
-        cutoff_index = jnp.sum(cumulative < sampling.top_p, axis=-1, keepdims=True)
-        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-
-
-class OutputRule(Protocol):
-    """Hidden states `[B, d]` -> `(next token ids [B], spelled rows [B, k] or None)`; a token id
-    of -1 asks the host to turn that row's string into input ids. Must be hashable (static)."""
+    def row_width(self, model: nnx.Module) -> int:
+        """Symbols per emitted row (1 for rules that emit no rows)."""
+        del model
+        return 1
 
     def __call__(self, model: nnx.Module, hidden: jax.Array, key: jax.Array
-                 ) -> tuple[jax.Array, jax.Array]: ...
+                 ) -> tuple[jax.Array, jax.Array | None]:
+        raise NotImplementedError
+
+    def host_ids(self, row: np.ndarray) -> list[int]:
+        """Input ids for an emitted row that is not one token."""
+        raise ValueError(f"{type(self).__name__} emitted a string that is not one token.")
 
 
 @dataclasses.dataclass(frozen=True)
-class LMHeadRule:
+class LMHeadRule(OutputRule):
     """The ordinary output layer: logits over the vocabulary from `model.lm_logits`."""
 
-    sampling: Sampling = Sampling()
+    sampling: Sampling = GREEDY
 
     def __call__(self, model, hidden, key):
         return sample(model.lm_logits(hidden), key, self.sampling), None
 
 
-@dataclasses.dataclass(frozen=True)
-class FreeRule:
-    """SpeLLM free decoding: each head picks a symbol; the string (cut at the first PAD) is looked
-    up on device, and strings that are not one token go to the host tokenizer."""
-
-    sampling: Sampling = Sampling()
-
-    def __call__(self, model, hidden, key):
-        rows = sample(model.char_logits(hidden), key, self.sampling)  # [B, k]
-        return model.lookup_tokens(rows), rows
+class _SpelledRule(OutputRule):
+    def row_width(self, model: nnx.Module) -> int:
+        return model.heads_config.k
 
 
 @dataclasses.dataclass(frozen=True)
-class VocabRule:
-    """SpeLLM vocabulary-constrained decoding: the token whose spelling the heads score highest."""
+class FreeRule(_SpelledRule):
+    """SpeLLM free decoding: the decoder chooses a row of symbols (the best of `beam` strings
+    where it searches); the string (cut at the first PAD) is looked up on device, and strings
+    that are not one token go to the `respeller`."""
 
-    sampling: Sampling = Sampling()
+    sampling: Sampling = GREEDY
+    respeller: Respeller | None = dataclasses.field(default=None, compare=False)
+    beam: int = 1
 
     def __call__(self, model, hidden, key):
-        token = sample(model.vocab_log_scores(model.char_logits(hidden)), key, self.sampling)
-        return token, model.spelling_table[...][token]
+        rows = model.char_heads.choose(hidden, model.spelling, key, self.sampling,
+                                       beam=self.beam)  # [B, k]
+        return model.spelling.lookup(rows), rows
+
+    def host_ids(self, row: np.ndarray) -> list[int]:
+        if self.respeller is None:
+            raise ValueError("free decoding emitted a string that is not one token; give FreeRule "
+                             "a Respeller (spelling table and tokenizer) to map it to input ids.")
+        return self.respeller.ids_for_row(row)
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabRule(_SpelledRule):
+    """SpeLLM vocabulary-constrained decoding: the decoder's choice among the rows of vocabulary
+    tokens only (the best-scored token, or the best of `beam` strings in the prefix trie)."""
+
+    sampling: Sampling = GREEDY
+    beam: int = 1
+
+    def __call__(self, model, hidden, key):
+        rows = model.char_heads.choose(hidden, model.spelling, key, self.sampling,
+                                       constrained=True, beam=self.beam)
+        return model.spelling.lookup(rows), rows
 
 
 @struct.dataclass
@@ -111,30 +110,34 @@ class DecodeState:
     key: jax.Array
 
 
+def _left_aligned(rows: Sequence[Sequence[int]], width: int, pad_id: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """`[B, width]` ids with each row's ids at the right end, and the mask of real ids."""
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), bool)
+    for index, row in enumerate(rows):
+        if len(row):
+            ids[index, width - len(row):] = row
+            mask[index, width - len(row):] = True
+    return ids, mask
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int = PROMPT_BUCKET
              ) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded `[B, P]` ids and mask, P rounded up to a multiple of `bucket`."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token; got an empty prompt.")
-    length = -(-max(len(p) for p in prompts) // bucket) * bucket
-    ids = np.full((len(prompts), length), pad_id, np.int32)
-    mask = np.zeros((len(prompts), length), bool)
-    for row, prompt in enumerate(prompts):
-        ids[row, length - len(prompt):] = prompt
-        mask[row, length - len(prompt):] = True
-    return ids, mask
+    return _left_aligned(prompts, -(-max(len(p) for p in prompts) // bucket) * bucket, pad_id)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "record"), donate_argnames=("s",))
-def _feed(graphdef, state, s: DecodeState, ids, mask, eos_ids, *, record: bool) -> DecodeState:
+def _feed(model, s: DecodeState, ids, mask, eos_ids, *, record: bool) -> DecodeState:
     """Writes a left-padded chunk `[B, m]` into the cache; the last real token of each row gives
     its next hidden state. `record` appends the chunk's real ids to the generated tokens."""
-    backbone = nnx.merge(graphdef, state).model
     batch, m = ids.shape
     positions = s.positions[:, None] + jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
     key_valid = jax.lax.dynamic_update_slice_in_dim(s.key_valid, mask, s.slot, 1)
-    hidden, cache = backbone(ids, positions=positions, attention_mask=mask, cache=s.cache,
-                             write_index=s.slot, key_valid=key_valid)
+    hidden, cache = model.model(ids, positions=positions, attention_mask=mask, cache=s.cache,
+                                write_index=s.slot, key_valid=key_valid)
     count = mask.sum(-1).astype(jnp.int32)
     tokens, num_tokens, done = s.tokens, s.num_tokens, s.done
     if record:
@@ -147,6 +150,13 @@ def _feed(graphdef, state, s: DecodeState, ids, mask, eos_ids, *, record: bool) 
                      hidden=jnp.where((count > 0)[:, None], hidden[:, -1], s.hidden),
                      positions=s.positions + count, slot=s.slot + m, tokens=tokens,
                      num_tokens=num_tokens, done=done, needs_host=jnp.zeros_like(s.needs_host))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "record"), donate_argnames=("s",))
+def _feed_chunk(graphdef, state, s: DecodeState, ids, mask, eos_ids, *, record: bool
+                ) -> DecodeState:
+    """`_feed`, compiled: the prompts, and the ids the host made of strings."""
+    return _feed(nnx.merge(graphdef, state), s, ids, mask, eos_ids, record=record)
 
 
 def _active(s: DecodeState, max_new_tokens: int) -> jax.Array:
@@ -180,20 +190,17 @@ def _loop(graphdef, state, s: DecodeState, eos_ids, *, rule, max_new_tokens: int
         return jnp.any(_active(s, max_new_tokens)) & ~jnp.any(s.needs_host) & (s.slot < capacity)
 
     def body(s: DecodeState):
-        s = _feed.__wrapped__(graphdef, state, s, s.step_tokens[:, None],
-                              _active(s, max_new_tokens)[:, None], eos_ids, record=True)
+        s = _feed(model, s, s.step_tokens[:, None], _active(s, max_new_tokens)[:, None], eos_ids,
+                  record=True)
         return _choose(model, rule, s, max_new_tokens)
 
     return jax.lax.while_loop(cond, body, _choose(model, rule, s, max_new_tokens))
 
 
-def _host_chunk(s: DecodeState, max_new_tokens: int, spelling, tokenizer, pad_id: int
+def _host_chunk(s: DecodeState, max_new_tokens: int, rule: OutputRule, pad_id: int
                 ) -> tuple[np.ndarray, np.ndarray]:
     """The next input ids of every row after a stop for the host: device-picked tokens as they
-    are, out-of-vocabulary strings through the tokenizer (possibly several ids)."""
-    if spelling is None:
-        raise ValueError("a decoding rule emitted a string that is not one token; pass the "
-                         "spelling table (and tokenizer) to generate() to map it to input ids.")
+    are, strings that are not one token through `rule.host_ids` (possibly several ids)."""
     tokens, rows = np.asarray(s.step_tokens), np.asarray(s.step_rows)
     active = np.asarray(_active(s, max_new_tokens))
     pending: list[list[int]] = []
@@ -203,45 +210,36 @@ def _host_chunk(s: DecodeState, max_new_tokens: int, spelling, tokenizer, pad_id
         elif tokens[row] >= 0:
             pending.append([int(tokens[row])])
         else:
-            ids = spelling.ids_for_row(rows[row], tokenizer)
+            ids = rule.host_ids(rows[row])
             if not ids:  # the symbol mask keeps PAD from coming first, so this is a bug
                 raise RuntimeError(f"row {row} emitted an empty string: {rows[row].tolist()}")
             pending.append(ids)
     width = max(1, max(len(p) for p in pending))
     width = 1 << (width - 1).bit_length()  # power-of-two widths share compilations
-    ids = np.full((len(pending), width), pad_id, np.int32)
-    mask = np.zeros((len(pending), width), bool)
-    for row, row_ids in enumerate(pending):
-        if row_ids:
-            ids[row, width - len(row_ids):] = row_ids
-            mask[row, width - len(row_ids):] = True
-    return ids, mask
+    return _left_aligned(pending, width, pad_id)
 
 
 def _grow(s: DecodeState, extra: int) -> DecodeState:
     """A copy of the state whose cache has `extra` more slots."""
-    def pad(x, axis):
-        widths = [(0, 0)] * x.ndim
-        widths[axis] = (0, extra)
-        return jnp.pad(x, widths)
+    return s.replace(cache=s.cache.grow(extra), key_valid=jnp.pad(s.key_valid, ((0, 0), (0, extra))))
 
-    cache = KVCache(pad(s.cache.keys, 3), pad(s.cache.values, 3))
-    return s.replace(cache=cache, key_valid=pad(s.key_valid, 1))
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """What `generate` produced: the new token ids of each prompt (ending with the EOS id if one
+    was produced), the stops of the on-device loop for strings that are not one token, and how
+    often the cache had to grow."""
+
+    tokens: list[list[int]]
+    host_round_trips: int = 0
+    cache_growths: int = 0
 
 
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              rule: OutputRule | None = None, *, eos_ids: Sequence[int] = (), pad_id: int = 0,
-             seed: int = 0, spelling=None, tokenizer=None, stats: dict | None = None
-             ) -> list[list[int]]:
-    """New token ids for each prompt (ending with the EOS id if one was produced).
-
-    SpeLLM rules need `spelling` (the SpellingTable) and, for free decoding of strings that are
-    not one token, the `tokenizer`. A `stats` dict receives `host_round_trips` (stops of the
-    on-device loop for strings that are not one token) and `cache_growths`. For speed, pass
-    `models.llama.fused_for_inference(model)`.
-    """
-    stats = {} if stats is None else stats
-    stats.update(host_round_trips=0, cache_growths=0)
+             seed: int = 0) -> Generation:
+    """New tokens for each prompt by `rule` (the LM head by default). For speed, pass
+    `models.llama.fused_for_inference(model)`."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}; ask for at least one new token.")
     rule = rule or LMHeadRule()
@@ -250,7 +248,7 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens
     graphdef, state = nnx.split(model)
     config, dtype = model.config, model.options.dtype
     capacity = -(-(prompt_len + max_new_tokens + 1) // PROMPT_BUCKET) * PROMPT_BUCKET
-    row_width = model.heads_config.k if isinstance(model, SpeLLM) else 1  # symbols per step
+    row_width = rule.row_width(model)
     s = DecodeState(
         cache=KVCache.zeros(config, batch, capacity, dtype=dtype),
         key_valid=jnp.zeros((batch, capacity), bool), hidden=jnp.zeros((batch, config.hidden_size),
@@ -262,25 +260,60 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens
         step_rows=jnp.zeros((batch, row_width), jnp.int32),
         needs_host=jnp.zeros((batch,), bool), key=jax.random.key(seed))
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
-    s = _feed(graphdef, state, s, jnp.asarray(ids), jnp.asarray(mask), eos, record=False)
+    s = _feed_chunk(graphdef, state, s, jnp.asarray(ids), jnp.asarray(mask), eos, record=False)
+    host_round_trips = cache_growths = 0
     while True:
         s = _loop(graphdef, state, s, eos, rule=rule, max_new_tokens=max_new_tokens)
         if not bool(jnp.any(s.needs_host)):
             if not bool(jnp.any(_active(s, max_new_tokens))):
                 break
             s = _grow(s, max_new_tokens)  # host chunks (padded to the widest row) filled the cache
-            stats["cache_growths"] += 1
+            cache_growths += 1
             continue
-        stats["host_round_trips"] += 1
-        chunk_ids, chunk_mask = _host_chunk(s, max_new_tokens, spelling, tokenizer, pad_id)
+        host_round_trips += 1
+        chunk_ids, chunk_mask = _host_chunk(s, max_new_tokens, rule, pad_id)
         if int(s.slot) + chunk_ids.shape[1] + 1 > s.key_valid.shape[1]:
             s = _grow(s, max(chunk_ids.shape[1] + 1, max_new_tokens))
-            stats["cache_growths"] += 1
-        s = _feed(graphdef, state, s, jnp.asarray(chunk_ids), jnp.asarray(chunk_mask), eos,
-                  record=True)
+            cache_growths += 1
+        s = _feed_chunk(graphdef, state, s, jnp.asarray(chunk_ids), jnp.asarray(chunk_mask), eos,
+                        record=True)
     tokens, counts = np.asarray(s.tokens), np.asarray(s.num_tokens)
-    outputs = []
-    for row in range(batch):
-        new = tokens[row, :min(counts[row], max_new_tokens)].tolist()
-        outputs.append(new)
-    return outputs
+    return Generation([tokens[row, :min(counts[row], max_new_tokens)].tolist()
+                       for row in range(batch)], host_round_trips, cache_growths)
+
+
+def stop_ids(model: nnx.Module, tokenizer) -> list[int]:
+    """The ids that end a generation: the model's EOS ids and the tokenizer's."""
+    ids = set(model.config.eos_token_ids or ())
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def sampler(model: nnx.Module, tokenizer, rule: OutputRule, new_tokens: int
+            ) -> Callable[[list[list[int]], int], list[list[int]]]:
+    """`(prompts, seed) -> continuations` of `new_tokens` by `rule`, stopping at `stop_ids`: the
+    teacher's self-generation as the data package asks for it."""
+    eos_ids, pad_id = stop_ids(model, tokenizer), tokenizers.pad_id(tokenizer)
+
+    def continue_prompts(prompts: list[list[int]], seed: int) -> list[list[int]]:
+        return generate(model, prompts, new_tokens, rule, eos_ids=eos_ids, pad_id=pad_id,
+                        seed=seed).tokens
+
+    return continue_prompts
+
+
+MODES = ("lm_head", "free", "vocab")
+
+
+def rule_for(mode: str, sampling: Sampling = GREEDY, respeller: Respeller | None = None,
+             beam: int = 1) -> OutputRule:
+    """The output rule of a decoding mode: `lm_head`, SpeLLM `free` (strings that are not one
+    token go to `respeller`) or SpeLLM `vocab`; `beam` strings where the decoder searches."""
+    if mode == "lm_head":
+        return LMHeadRule(sampling)
+    if mode == "free":
+        return FreeRule(sampling, respeller, beam)
+    if mode == "vocab":
+        return VocabRule(sampling, beam)
+    raise ValueError(f"mode={mode!r}; choose one of {', '.join(MODES)}.")

@@ -23,7 +23,6 @@ import optax
 from flax import nnx
 
 from spellm_jax.losses import LossConfig, chunked_distillation_loss
-from spellm_jax.models.llama import positions_from_mask, rope_tables
 from spellm_jax.models.spellm import SpeLLM
 
 TRAINABLE_SETS = ("heads", "top_layers", "lora", "full")
@@ -71,44 +70,57 @@ def split_model(model: SpeLLM, spec: DistillSpec):
 def hidden_pair(student: SpeLLM, teacher: SpeLLM, input_ids: jax.Array, spec: DistillSpec
                 ) -> tuple[jax.Array, jax.Array]:
     """Final hidden states `[B, T, d]` of the student and (gradient-free) of the teacher."""
-    mask = jnp.ones(input_ids.shape, bool)  # packed sequences: every position is a real token
     if spec.trainable == "heads":
-        hidden = jax.lax.stop_gradient(student.model(input_ids, attention_mask=mask)[0])
+        hidden = jax.lax.stop_gradient(student.model(input_ids)[0])
         return hidden, hidden
     if spec.trainable == "top_layers":
-        backbone = student.model
-        cos, sin = rope_tables(student.config, positions_from_mask(mask))
         split = student.config.num_layers - spec.top_layers
-        lower, _ = backbone.run_layers(backbone.embed(input_ids), cos, sin, mask, end=split)
-        lower = jax.lax.stop_gradient(lower)
-        student_hidden = backbone.norm(backbone.run_layers(lower, cos, sin, mask, start=split)[0])
-        top = teacher.model
-        teacher_hidden = top.norm(top.run_layers(lower, cos, sin, mask, start=split)[0])
+        lower = jax.lax.stop_gradient(student.model(input_ids, layers=(0, split))[0])
+        student_hidden = student.model(input_ids, layers=(split, None), residual=lower)[0]
+        teacher_hidden = teacher.model(input_ids, layers=(split, None), residual=lower)[0]
         return student_hidden, jax.lax.stop_gradient(teacher_hidden)
-    student_hidden = student.model(input_ids, attention_mask=mask)[0]
-    teacher_hidden = jax.lax.stop_gradient(teacher.model(input_ids, attention_mask=mask)[0])
+    student_hidden = student.model(input_ids)[0]
+    teacher_hidden = jax.lax.stop_gradient(teacher.model(input_ids)[0])
     return student_hidden, teacher_hidden
 
 
 def distillation_loss(graphdef, params, teacher_params, rest, batch: dict, spec: DistillSpec):
-    """Mean loss over the batch's loss positions, and summed metrics."""
+    """Mean loss over the batch's loss positions, and summed metrics (packed sequences: every
+    position is a real token)."""
     student = nnx.merge(graphdef, params, rest)
     teacher = nnx.merge(graphdef, teacher_params, rest)
     student_hidden, teacher_hidden = hidden_pair(student, teacher, batch["input_ids"], spec)
-    return chunked_distillation_loss(
-        student_hidden, teacher_hidden, student.char_logits, teacher.lm_logits,
-        student.spelling_table[...], student.token_lengths[...], student.token_valid[...],
-        batch["loss_mask"], spec.loss)
+    return chunked_distillation_loss(student_hidden, teacher_hidden, student.char_heads,
+                                     teacher.lm_logits, student.spelling, batch["loss_mask"],
+                                     spec.loss)
 
 
 def make_optimizer(learning_rate: float, warmup_steps: int, total_steps: int, weight_decay: float,
-                   grad_clip: float) -> optax.GradientTransformation:
-    """AdamW with linear warmup and cosine decay, after global-norm clipping."""
+                   grad_clip: float, fresh: tuple[str, ...] = (), fresh_lr_scale: float = 1.0
+                   ) -> optax.GradientTransformation:
+    """AdamW with linear warmup and cosine decay, after global-norm clipping; the decoder's
+    parameters named in `fresh` (those that start from scratch) step `fresh_lr_scale` times
+    further."""
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, learning_rate, max(warmup_steps, 1), max(total_steps, warmup_steps + 1),
         end_value=learning_rate * 0.1)
-    return optax.chain(optax.clip_by_global_norm(grad_clip),
-                       optax.adamw(schedule, weight_decay=weight_decay))
+    parts = [optax.clip_by_global_norm(grad_clip), optax.adamw(schedule, weight_decay=weight_decay)]
+    if fresh and fresh_lr_scale != 1.0:
+        parts.append(_scale_decoder_updates(frozenset(fresh), fresh_lr_scale))
+    return optax.chain(*parts)
+
+
+def _scale_decoder_updates(names: frozenset[str], scale: float) -> optax.GradientTransformation:
+    """Multiplies the updates of the character decoder's parameters called `names`."""
+
+    def multiply(updates, params=None):
+        def one(path, update):
+            keys = {getattr(entry, "key", None) for entry in path}
+            return update * scale if "char_heads" in keys and keys & names else update
+
+        return jax.tree_util.tree_map_with_path(one, updates)
+
+    return optax.stateless(multiply)
 
 
 def train_step(graphdef, tx: optax.GradientTransformation, spec: DistillSpec, state: dict,

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from spellm_jax.assets import AssetError
-from spellm_jax.charset import SpellingTableMismatchError, UnsupportedTokenizerError
 from spellm_jax.checkpointing import CheckpointMismatchError
 from spellm_jax.conversion.errors import ConversionError
 from spellm_jax.models.config import UnsupportedModelError
 from spellm_jax.models.params import ParamMismatchError
+from spellm_jax.spelling import SpellingTableMismatchError, UnsupportedTokenizerError
 
 
 class ConfigError(ValueError):

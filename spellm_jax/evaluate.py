@@ -15,6 +15,7 @@ from typing import Any
 from absl import app, flags
 
 from spellm_jax import cli
+from spellm_jax.evaluation import CHAIN_BEAMS
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training workdir (its latest checkpoint is evaluated).")
@@ -24,6 +25,7 @@ flags.DEFINE_integer("last_word_items", 500, "Items of the last-word completion 
 flags.DEFINE_integer("prompts", 32, "Held-out prompts continued greedily by teacher and SpeLLM.")
 flags.DEFINE_integer("new_tokens", 32, "Tokens per greedy continuation.")
 flags.DEFINE_integer("real_text_rows", 16, "Teacher-forced rows of held-out real text.")
+flags.DEFINE_integer("beam", 1, "Strings the SpeLLM's decoder searches per step (chain kind).")
 flags.DEFINE_list("ceiling_ks", ["4", "6", "8", "12", "16", "24"],
                   "k values at which the independence ceiling is computed.")
 
@@ -33,7 +35,12 @@ _ROWS = (  # (key, label, format)
     ("vocab_agreement", "agreement, vocabulary-constrained", "{:.1%}"),
     ("ceiling_free_agreement", "independence ceiling (exact marginals), free", "{:.1%}"),
     ("ceiling_vocab_agreement", "independence ceiling, vocabulary-constrained", "{:.1%}"),
+    *((f"chain_ceiling/{mode}_beam{beam}",
+       f"chain ceiling (exact conditionals), {label}, beam {beam}", "{:.1%}")
+      for beam in CHAIN_BEAMS for mode, label in (("free", "free"), ("vocab", "trie-constrained"))),
     ("exact_token_accuracy", "exact-token accuracy (all k symbols right)", "{:.1%}"),
+    ("representable_share", "teacher tokens the table spells as one token (free ceiling)",
+     "{:.1%}"),
     ("spellm_bits_per_byte", "SpeLLM bits per byte (renormalised over the vocabulary)", "{:.3f}"),
     ("teacher_bits_per_byte", "teacher bits per byte", "{:.3f}"),
     ("one_token_share", "emitted strings that are one token", "{:.1%}"),
@@ -46,13 +53,23 @@ _ROWS = (  # (key, label, format)
 )
 
 
+def _lookup(group: dict[str, Any], key: str) -> Any:
+    """`group[a][b]` for a key `a/b`, `group[key]` otherwise; None where absent."""
+    for part in key.split("/"):
+        if not isinstance(group, dict) or part not in group:
+            return None
+        group = group[part]
+    return group
+
+
 def markdown_summary(metrics: dict[str, Any], source: str) -> str:
     """The figures of `metrics` as markdown tables."""
     lines = [f"# SpeLLM evaluation: {source}", "", f"k = {metrics['k']} character heads.", "",
              "| metric | " + " | ".join(label for _, label in _SETS) + " |",
              "| --- | " + " | ".join("---:" for _ in _SETS) + " |"]
     for key, label, fmt in _ROWS:
-        cells = [fmt.format(metrics[name][key]) if key in metrics[name] else "-" for name, _ in _SETS]
+        cells = [fmt.format(value) if (value := _lookup(metrics[name], key)) is not None else "-"
+                 for name, _ in _SETS]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     last_word = metrics["last_word"]
     lines += ["", f"Last-word completion ({last_word['items']} items from held-out text, greedy):",
@@ -108,7 +125,8 @@ def main(argv: list[str]) -> None:
     from spellm_jax.evaluation import EvalSettings, evaluate
     from spellm_jax.models.llama import RuntimeOptions, fused_for_inference
     from spellm_jax.pretrained import build_model
-    from spellm_jax.trainer import load_spellm, load_teacher, run_metadata
+    from spellm_jax.runs import load_spellm, load_teacher, run_metadata
+    from spellm_jax.spelling import Respeller
 
     if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
         raise app.UsageError("pass exactly one of --workdir and --checkpoint.")
@@ -124,8 +142,9 @@ def main(argv: list[str]) -> None:
         corpora=tuple(config.data.corpora), prompts=FLAGS.prompts, new_tokens=FLAGS.new_tokens,
         prompt_tokens=config.data.prompt_tokens, real_text_rows=FLAGS.real_text_rows,
         last_word_items=FLAGS.last_word_items, ceiling_ks=tuple(map(int, FLAGS.ceiling_ks)),
+        beam=FLAGS.beam,
         seed=config.seed)
-    metrics = evaluate(model, teacher_model, tokenizer, spelling, settings)
+    metrics = evaluate(model, teacher_model, Respeller(spelling, tokenizer), settings)
     metrics["source"] = str(Path(source).resolve())
     out = Path(FLAGS.out or Path(FLAGS.workdir or Path(source).parent.parent) / "eval")
     out.mkdir(parents=True, exist_ok=True)

@@ -3,8 +3,10 @@
 Three sets, all from the corpora's held-out documents: real text (teacher-forced rows), the
 teacher's greedy continuations of held-out prompts, and a last-word completion task. At every
 position one jitted pass gives the teacher's argmax and log-probabilities, the SpeLLM's free and
-vocabulary-constrained choices and its renormalised log-probabilities, and what heads holding the
-teacher's exact symbol marginals would choose (the independence ceiling).
+vocabulary-constrained choices and its renormalised log-probabilities, what heads holding the
+teacher's exact symbol marginals would choose (the independence ceiling), and what a chain decoder
+holding the teacher's exact conditionals would choose, greedily and with beams (the chain
+ceiling).
 """
 
 from __future__ import annotations
@@ -19,73 +21,82 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spellm_jax import decoding, spelling_lookup
-from spellm_jax.charset import SpellingTable
+from spellm_jax import decoding, tokenizers
 from spellm_jax.data.last_word import LastWordItem
-from spellm_jax.losses import spelled_log_probs, symbol_marginals
 from spellm_jax.metrics import continuation_rows, spelled_choices
+from spellm_jax.models.char_decoders.search import search_rows
+from spellm_jax.spelling import DeviceSpelling, Respeller, SpellingTable
 
 CEILING_KS = (4, 6, 8, 12, 16, 24)
+CHAIN_BEAMS = (1, 2, 4)  # beams of the chain ceiling
 ROWS_PER_CALL = 32  # rows of one jitted call (one compilation per row length)
 
 
-@dataclasses.dataclass(frozen=True)
-class Speller:
-    """A spelling table's device arrays: what exact-marginal heads with this k need."""
-
-    table: jax.Array
-    valid: jax.Array
-    hashes: jax.Array
-    ids: jax.Array
-    num_symbols: int
-
-    @classmethod
-    def of(cls, spelling: SpellingTable) -> Speller:
-        table = np.asarray(spelling.table, np.int32)
-        hashes, ids = spelling_lookup.build_lookup(table, np.asarray(spelling.canonical))
-        return cls(jnp.asarray(table), jnp.asarray(spelling.valid), jnp.asarray(hashes),
-                   jnp.asarray(ids), spelling.num_symbols)
-
-    def lookup(self, rows: jax.Array) -> jax.Array:
-        rows = spelling_lookup.canonical_rows(rows, self.num_symbols - 1)
-        return spelling_lookup.lookup(rows, self.table, self.hashes, self.ids)
-
-    def ceiling(self, teacher_logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Free and vocabulary-constrained choices `[T]` of heads that output the teacher's
-        exact per-position symbol marginals (the best any independent heads can do)."""
-        marginals = symbol_marginals(jax.nn.softmax(teacher_logits, axis=-1), self.table,
-                                     self.num_symbols)
-        free = self.lookup(jnp.argmax(marginals, axis=-1))
-        scores = spelled_log_probs(jnp.log(marginals), self.table)
-        return free, jnp.argmax(jnp.where(self.valid, scores, -jnp.inf), axis=-1)
+def independence_ceiling(teacher_logits: jax.Array, spelling: DeviceSpelling
+                         ) -> tuple[jax.Array, jax.Array]:
+    """Free and vocabulary-constrained choices `[T]` of heads that output the teacher's exact
+    per-position symbol marginals (the best any independent heads can do)."""
+    marginals = spelling.symbol_marginals(jax.nn.softmax(teacher_logits, axis=-1))
+    free = spelling.lookup(jnp.argmax(marginals, axis=-1))
+    return free, jnp.argmax(spelling.token_scores(jnp.log(marginals)), axis=-1)
 
 
-jax.tree_util.register_dataclass(Speller, data_fields=["table", "valid", "hashes", "ids"],
-                                 meta_fields=["num_symbols"])
+def chain_ceiling(teacher_logits: jax.Array, spelling: DeviceSpelling, beam: int,
+                  constrained: bool) -> jax.Array:
+    """The choices `[T]` of a chain decoder that outputs the teacher's exact conditionals
+    `q(c_i | c_<i)` (its string distribution is the teacher's), searched greedily or with `beam`
+    hypotheses, free or within the vocabulary's prefix trie."""
+    probs = jax.nn.softmax(teacher_logits, axis=-1)  # [T, V]
+    table = spelling.table[...]
+    length, vocab_size = probs.shape
+
+    def step(in_prefix, previous, i):  # in_prefix [T, B, V]: tokens whose rows start so
+        if previous is not None:
+            in_prefix = in_prefix & (table[:, i - 1] == previous[..., None])
+        flat = jnp.where(in_prefix, probs[:, None], 0.0).reshape(-1, vocab_size)
+        mass = jax.ops.segment_sum(flat.T, table[:, i], num_segments=spelling.num_symbols).T
+        return jnp.log(mass.reshape(length, beam, -1)), in_prefix
+
+    rows = search_rows(step, jnp.ones((length, beam, vocab_size), bool), spelling.k,
+                       spelling.pad_symbol, trie=spelling if constrained else None, beam=beam)
+    return spelling.lookup(rows)
+
+
+def _following(ids: jax.Array) -> jax.Array:
+    """The token after each position `[T]` (the first token at the last position)."""
+    return jnp.concatenate([ids[1:], ids[:1]])
 
 
 def _next_log_probs(log_probs: jax.Array, ids: jax.Array) -> jax.Array:
     """`log p(ids[t + 1])` at each position t `[T]` (0 at the last position)."""
-    following = jnp.concatenate([ids[1:], ids[:1]])
-    picked = jnp.take_along_axis(log_probs, following[:, None], axis=-1)[:, 0]
+    picked = jnp.take_along_axis(log_probs, _following(ids)[:, None], axis=-1)[:, 0]
     return picked.at[-1].set(0.0)
 
 
-@functools.partial(nnx.jit, static_argnames=("full",))
-def _row_outputs(spellm, teacher, ids: jax.Array, speller: Speller, full: bool = True
+@functools.partial(nnx.jit, static_argnames=("full", "beam"))
+def _row_outputs(spellm, teacher, ids: jax.Array, full: bool = True, beam: int = 1
                  ) -> dict[str, jax.Array]:
-    """Per-position outputs of rows `[N, T]`, one row at a time (a `[T, V, k]` gather each):
-    the choices of teacher and SpeLLM and, if `full`, log-probabilities and the ceiling."""
+    """Per-position outputs of rows `[N, T]`, one row at a time: the choices of teacher and
+    SpeLLM and, if `full`, log-probabilities of the next token, the target rows' teacher-forced
+    symbol choices and the ceiling."""
 
     def one_row(row_ids):
         teacher_logits = teacher(row_ids[None])[0]
-        outputs = spelled_choices(spellm, row_ids)
-        scores = outputs.pop("vocab_scores")
+        hidden = spellm.model(row_ids[None])[0][0]
+        outputs = spelled_choices(spellm, hidden, beam)
         outputs["teacher"] = jnp.argmax(teacher_logits, axis=-1)
         if full:
-            ceiling_free, ceiling_vocab = speller.ceiling(teacher_logits)
+            ceiling_free, ceiling_vocab = independence_ceiling(teacher_logits, spellm.spelling)
+            target_rows = spellm.spelling.rows_of(outputs["teacher"])
+            outputs["forced_rows"] = jnp.argmax(spellm.char_heads.logits(hidden, target_rows), -1)
+            for width in CHAIN_BEAMS:
+                for mode in ("free", "vocab"):
+                    outputs[f"chain_{mode}_beam{width}"] = chain_ceiling(
+                        teacher_logits, spellm.spelling, width, constrained=mode == "vocab")
             outputs |= {
-                "spellm_logp": _next_log_probs(jax.nn.log_softmax(scores, axis=-1), row_ids),
+                "spellm_logp": spellm.char_heads.token_log_probs(
+                    hidden, spellm.spelling.rows_of(_following(row_ids)), spellm.spelling
+                ).at[-1].set(0.0),
                 "teacher_logp": _next_log_probs(jax.nn.log_softmax(teacher_logits, axis=-1),
                                                 row_ids),
                 "ceiling_free": ceiling_free, "ceiling_vocab": ceiling_vocab}
@@ -95,8 +106,9 @@ def _row_outputs(spellm, teacher, ids: jax.Array, speller: Speller, full: bool =
 
 
 @nnx.jit
-def _ceiling_rows(teacher, ids: jax.Array, speller: Speller) -> tuple[jax.Array, jax.Array]:
-    return jax.lax.map(lambda row: speller.ceiling(teacher(row[None])[0]), ids)
+def _ceiling_rows(teacher, ids: jax.Array, spelling: DeviceSpelling
+                  ) -> tuple[jax.Array, jax.Array]:
+    return jax.lax.map(lambda row: independence_ceiling(teacher(row[None])[0], spelling), ids)
 
 
 @nnx.jit
@@ -121,21 +133,20 @@ def _batched(rows: np.ndarray, fn: Callable[[jax.Array], Any], progress: str | N
     return jax.tree.map(lambda x: x[:len(rows)], joined)
 
 
-def position_outputs(spellm, teacher, spelling: SpellingTable, rows: np.ndarray,
-                     progress: str | None = None, full: bool = True) -> dict[str, np.ndarray]:
+def position_outputs(spellm, teacher, rows: np.ndarray, progress: str | None = None,
+                     full: bool = True, beam: int = 1) -> dict[str, np.ndarray]:
     """`_row_outputs` for any number of rows `[N, T]`, as numpy."""
-    speller = Speller.of(spelling)
-    return _batched(rows, lambda ids: _row_outputs(spellm, teacher, ids, speller, full=full),
+    return _batched(rows, lambda ids: _row_outputs(spellm, teacher, ids, full=full, beam=beam),
                     progress)
 
 
-def emitted_strings(free_rows: np.ndarray, free_tokens: np.ndarray, spelling: SpellingTable,
-                    tokenizer: Any) -> dict[str, float]:
+def emitted_strings(free_rows: np.ndarray, free_tokens: np.ndarray, respeller: Respeller
+                    ) -> dict[str, float]:
     """What free decoding would feed back for each emitted row: shares of rows that are one token,
     several input tokens (through the tokenizer), or nothing usable; mean input ids per step."""
     counts = np.where(free_tokens >= 0, 1, 0)
     for index in np.flatnonzero(free_tokens < 0):
-        counts[index] = len(spelling.ids_for_row(free_rows[index], tokenizer))
+        counts[index] = len(respeller.ids_for_row(free_rows[index]))
     one = free_tokens >= 0
     return {"one_token_share": float(one.mean()),
             "several_tokens_share": float((~one & (counts > 0)).mean()),
@@ -144,14 +155,14 @@ def emitted_strings(free_rows: np.ndarray, free_tokens: np.ndarray, spelling: Sp
 
 
 def agreement_metrics(outputs: dict[str, np.ndarray], mask: np.ndarray, ids: np.ndarray,
-                      spelling: SpellingTable, tokenizer: Any) -> dict[str, float]:
+                      respeller: Respeller) -> dict[str, float]:
     """Everything measured at the masked positions of teacher-forced rows `ids` `[N, T]` (a
     position predicts the next token; targets are the teacher's argmax there)."""
-    mask = mask.astype(bool)
+    mask, spelling = mask.astype(bool), respeller.spelling
     teacher = outputs["teacher"][mask]
-    rows = outputs["free_rows"][mask]
+    forced = outputs["forced_rows"][mask]  # each symbol given the target's symbols before it
     target_rows = spelling.table[teacher]
-    head_acc = (rows == target_rows).mean(axis=0)
+    head_acc = (forced == target_rows).mean(axis=0)
     following = np.concatenate([ids[:, 1:], ids[:, :1]], axis=1)[mask]
     nats_to_bits = 1 / np.log(2)
     num_bytes = max(int(spelling.lengths[following].sum()), 1)
@@ -161,13 +172,19 @@ def agreement_metrics(outputs: dict[str, np.ndarray], mask: np.ndarray, ids: np.
         "vocab_agreement": float((outputs["vocab"][mask] == teacher).mean()),
         "ceiling_free_agreement": float((outputs["ceiling_free"][mask] == teacher).mean()),
         "ceiling_vocab_agreement": float((outputs["ceiling_vocab"][mask] == teacher).mean()),
-        "exact_token_accuracy": float((rows == target_rows).all(axis=1).mean()),
+        "chain_ceiling": {name.removeprefix("chain_"): float((value[mask] == teacher).mean())
+                          for name, value in outputs.items() if name.startswith("chain_")},
+        "exact_token_accuracy": float((forced == target_rows).all(axis=1).mean()),
+        # The teacher's token is the one token its table row names (spelled in full, canonical):
+        # the most free decoding of any decoder with this table can agree.
+        "representable_share": float((spelling.canonical[teacher]
+                                      & (spelling.lengths[teacher] <= spelling.k)).mean()),
         "head_accuracy": [float(a) for a in head_acc],
         "spellm_bits_per_byte": float(-outputs["spellm_logp"][mask].sum() * nats_to_bits / num_bytes),
         "teacher_bits_per_byte": float(-outputs["teacher_logp"][mask].sum() * nats_to_bits
                                        / num_bytes),
     }
-    return metrics | emitted_strings(rows, outputs["free"][mask], spelling, tokenizer)
+    return metrics | emitted_strings(outputs["free_rows"][mask], outputs["free"][mask], respeller)
 
 
 def ceiling_against_k(teacher, tokenizer, vocab_size: int, rows: np.ndarray, mask: np.ndarray,
@@ -178,8 +195,8 @@ def ceiling_against_k(teacher, tokenizer, vocab_size: int, rows: np.ndarray, mas
     targets = _batched(rows, lambda ids: _teacher_argmax(teacher, ids), None)
     results = {}
     for k in tqdm(ks, desc="ceiling against k", leave=False):
-        speller = Speller.of(SpellingTable.from_tokenizer(tokenizer, k, vocab_size))
-        free, vocab = _batched(rows, lambda ids, s=speller: _ceiling_rows(teacher, ids, s), None)
+        spelling = DeviceSpelling.of(SpellingTable.from_tokenizer(tokenizer, k, vocab_size))
+        free, vocab = _batched(rows, lambda ids, s=spelling: _ceiling_rows(teacher, ids, s), None)
         agree = {"free": free == targets, "vocab": vocab == targets}
         results[k] = {name: float(a[mask.astype(bool)].mean()) for name, a in agree.items()}
     return results
@@ -193,15 +210,16 @@ def matching_prefix(reference: Sequence[int], other: Sequence[int]) -> int:
     return min(len(reference), len(other))
 
 
-def greedy_continuations(spellm, teacher, prompts, new_tokens: int, spelling, tokenizer,
-                         eos_ids: Sequence[int], pad_id: int) -> dict[str, list[list[int]]]:
-    """Greedy continuations of `prompts` by the teacher (LM head) and by the SpeLLM (free, vocab)."""
-    common = {"eos_ids": eos_ids, "pad_id": pad_id}
-    spelled = common | {"spelling": spelling, "tokenizer": tokenizer}
-    return {"teacher": decoding.generate(teacher, prompts, new_tokens, decoding.LMHeadRule(),
-                                         **common),
-            "free": decoding.generate(spellm, prompts, new_tokens, decoding.FreeRule(), **spelled),
-            "vocab": decoding.generate(spellm, prompts, new_tokens, decoding.VocabRule(), **spelled)}
+def greedy_continuations(spellm, teacher, prompts, new_tokens: int, respeller: Respeller,
+                         eos_ids: Sequence[int], pad_id: int, beam: int = 1
+                         ) -> dict[str, list[list[int]]]:
+    """Greedy continuations of `prompts` by the teacher (LM head) and by the SpeLLM (free, vocab;
+    the best of `beam` strings per step where the decoder searches)."""
+    runs = {"teacher": (teacher, decoding.LMHeadRule()),
+            "free": (spellm, decoding.FreeRule(respeller=respeller, beam=beam)),
+            "vocab": (spellm, decoding.VocabRule(beam=beam))}
+    return {name: decoding.generate(model, prompts, new_tokens, rule, eos_ids=eos_ids,
+                                    pad_id=pad_id).tokens for name, (model, rule) in runs.items()}
 
 
 def _starts_a_word(data: bytes) -> bool:
@@ -218,7 +236,7 @@ def last_word_accuracy(spellm, teacher, spelling: SpellingTable, items: Sequence
     rows = np.full((len(items), length), pad_id, np.int32)
     for row, item in enumerate(items):
         rows[row, :len(item.context_ids) + len(item.target_ids)] = item.context_ids + item.target_ids
-    outputs = position_outputs(spellm, teacher, spelling, rows, progress, full=False)
+    outputs = position_outputs(spellm, teacher, rows, progress, full=False)
 
     def token_string(token: int) -> bytes:
         return spelling.spellings[token] if token >= 0 else b""
@@ -250,6 +268,7 @@ class EvalSettings:
     last_word_context: int = 40  # context tokens before each target word
     ceiling_ks: tuple[int, ...] = CEILING_KS
     seed: int = 0
+    beam: int = 1  # strings the SpeLLM's decoder searches per step (chain kind)
 
 
 def _real_text_rows(documents: dict[str, str], tokenizer, settings: EvalSettings
@@ -263,25 +282,26 @@ def _real_text_rows(documents: dict[str, str], tokenizer, settings: EvalSettings
     return packed.tokens[pick], mask
 
 
-def evaluate(spellm, teacher, tokenizer, spelling: SpellingTable, settings: EvalSettings
-             ) -> dict[str, Any]:
-    """All metrics of a SpeLLM against its teacher (an LM-head model), as a JSON-ready dict."""
+def evaluate(spellm, teacher, respeller: Respeller, settings: EvalSettings) -> dict[str, Any]:
+    """All metrics of a SpeLLM against its teacher (an LM-head model), as a JSON-ready dict;
+    `respeller` holds the SpeLLM's spelling table and tokenizer."""
     from spellm_jax.data import evaluation_prompts, load_corpora
     from spellm_jax.data.last_word import last_word_items
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    spelling, tokenizer = respeller.spelling, respeller.tokenizer
+    pad_id = tokenizers.pad_id(tokenizer)
     documents = load_corpora(settings.corpora, "heldout")
     rows, mask = _real_text_rows(documents, tokenizer, settings)
-    outputs = position_outputs(spellm, teacher, spelling, rows, "real text")
-    real_text = agreement_metrics(outputs, mask, rows, spelling, tokenizer)
+    outputs = position_outputs(spellm, teacher, rows, "real text", beam=settings.beam)
+    real_text = agreement_metrics(outputs, mask, rows, respeller)
 
     prompts = evaluation_prompts(settings.corpora, tokenizer, settings.prompts,
                                  settings.prompt_tokens, settings.seed)
-    generations = greedy_continuations(spellm, teacher, prompts, settings.new_tokens, spelling,
-                                       tokenizer, list(spellm.config.eos_token_ids), pad_id)
+    generations = greedy_continuations(spellm, teacher, prompts, settings.new_tokens, respeller,
+                                       list(spellm.config.eos_token_ids), pad_id, settings.beam)
     rows, mask = continuation_rows(prompts, generations["teacher"], pad_id)
-    outputs = position_outputs(spellm, teacher, spelling, rows, "continuations")
-    continuations = agreement_metrics(outputs, mask, rows, spelling, tokenizer)
+    outputs = position_outputs(spellm, teacher, rows, "continuations", beam=settings.beam)
+    continuations = agreement_metrics(outputs, mask, rows, respeller)
     for mode in ("free", "vocab"):
         prefixes = [matching_prefix(reference, other) for reference, other
                     in zip(generations["teacher"], generations[mode], strict=True)]

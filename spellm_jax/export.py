@@ -45,7 +45,7 @@ def split_spellm_params(model) -> tuple[dict[str, np.ndarray], dict[str, np.ndar
     flat = {k: np.asarray(v) for k, v in model_params(model).items()}
     heads = {k.removeprefix(HEADS_PREFIX): v for k, v in flat.items() if k.startswith(HEADS_PREFIX)}
     backbone = {k: v for k, v in flat.items() if not k.startswith(HEADS_PREFIX)}
-    return fold_lora(backbone, model.options.lora_alpha / max(model.options.lora_rank, 1)), heads
+    return fold_lora(backbone, model.options.lora_scale), heads
 
 
 def export_spellm(model, tokenizer, spelling, out: str | Path, *, base_model: str,
@@ -55,6 +55,7 @@ def export_spellm(model, tokenizer, spelling, out: str | Path, *, base_model: st
     new directory is complete."""
     from spellm_jax.checkpointing import commit_output_dir, prepare_output_dir
     from spellm_jax.conversion import hf_dir, mapping, spellm_files
+    from spellm_jax.models.char_decoders import fixed_tensors
 
     out = Path(out)
     staging = prepare_output_dir(out, overwrite)
@@ -62,13 +63,49 @@ def export_spellm(model, tokenizer, spelling, out: str | Path, *, base_model: st
     hf_config = model.config.to_hf()
     hf_config["torch_dtype"] = str(backbone["model/embed_tokens"].dtype)
     hf_dir.write_hf_dir(staging, hf_config, mapping.to_hf(model.config, backbone))
-    tensors = heads | {spellm_files.SYMBOL_MASK: np.asarray(model.char_heads.symbol_mask[...])}
+    tensors = heads | fixed_tensors(model.char_heads)
     config = spellm_files.spellm_config(spelling, dataclasses.asdict(model.heads_config),
                                         base_model, **description)
     spellm_files.write_exported(staging, spellm_files.SpellmParts(tensors, config, spelling))
     tokenizer.save_pretrained(str(staging))
     commit_output_dir(staging, out)
     return out
+
+
+def parity_with_torch(model, respeller, torch_spellm, prompts: list[list[int]], new_tokens: int,
+                      beams: tuple[int, ...] = (1,)) -> dict[str, Any]:
+    """How closely the exported PyTorch SpeLLM follows the JAX one on `prompts`: the largest
+    differences of the LM logits and of the (unmasked, greedy-row) character logits over every
+    position, whether both mask the same symbols, and per decoding mode (and beam, as
+    `mode_beamB` for B > 1) whether `new_tokens` greedy tokens are identical for every prompt."""
+    import jax.numpy as jnp
+    import torch
+
+    from spellm_jax import decoding
+
+    lm_diff = chars_diff = 0.0
+    same_masks = True
+    for prompt in prompts:
+        hidden, _ = model.model(jnp.asarray([prompt]))
+        with torch.no_grad():
+            torch_hidden = torch_spellm.lm.model(input_ids=torch.tensor([prompt])).last_hidden_state
+            torch_lm = torch_spellm.lm.lm_head(torch_hidden).numpy()
+            torch_chars = torch_spellm.decoder.logits(torch_hidden).numpy()
+        jax_chars = np.asarray(model.char_heads.logits(hidden))
+        unmasked = jax_chars > -1e8  # symbols no token has at a position carry a -1e9 mask
+        same_masks &= bool(np.array_equal(unmasked, torch_chars > -1e8))
+        lm_diff = max(lm_diff, float(np.abs(torch_lm - np.asarray(model.lm_logits(hidden))).max()))
+        chars_diff = max(chars_diff, float(np.abs(torch_chars - jax_chars)[unmasked].max()))
+    eos = list(model.config.eos_token_ids)
+    identical = {}
+    for mode in decoding.MODES:
+        for beam in beams if mode != "lm_head" else (1,):
+            rule = decoding.rule_for(mode, respeller=respeller, beam=beam)
+            expected = decoding.generate(model, prompts, new_tokens, rule, eos_ids=eos).tokens
+            got = torch_spellm.generate(prompts, new_tokens, mode=mode, beam=beam)
+            identical[mode if beam == 1 else f"{mode}_beam{beam}"] = got == expected
+    return {"lm_max_diff": lm_diff, "chars_max_diff": chars_diff, "same_masks": same_masks,
+            "identical": identical}
 
 
 flags.DEFINE_string("checkpoint", None, "A training workdir (its latest checkpoint) or "
@@ -78,7 +115,7 @@ cli.define_output_flags()
 
 def main(argv: list[str]) -> None:
     del argv
-    from spellm_jax.trainer import load_spellm, run_metadata
+    from spellm_jax.runs import load_spellm, run_metadata
 
     out = cli.checked_output_dir()
     metadata = run_metadata(FLAGS.checkpoint)

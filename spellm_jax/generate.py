@@ -22,11 +22,12 @@ flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_bool("chat", False, "Wrap each prompt in the tokenizer's chat template.")
-flags.DEFINE_enum("mode", "lm_head", ["lm_head", "free", "vocab"],
+flags.DEFINE_enum("mode", "lm_head", ["lm_head", "free", "vocab"],  # decoding.MODES
                   "Output rule: the ordinary LM head, SpeLLM free decoding, or SpeLLM "
                   "vocabulary-constrained decoding.")
 flags.DEFINE_string("checkpoint", None, "A trained SpeLLM (training workdir or checkpoint dir).")
 flags.DEFINE_integer("k", 16, "Character heads of an untrained SpeLLM built from --source.")
+flags.DEFINE_integer("beam", 1, "Strings the decoder searches per step (chain kind; 1: greedy).")
 
 
 def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
@@ -42,10 +43,12 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]
 
 def main(argv: list[str]) -> None:
     del argv
-    from spellm_jax import decoding
+    from spellm_jax import decoding, tokenizers
     from spellm_jax.models.llama import fused_for_inference
     from spellm_jax.pretrained import load_pretrained, spellm_from_pretrained
-    from spellm_jax.trainer import load_spellm
+    from spellm_jax.runs import load_spellm
+    from spellm_jax.sampling import Sampling
+    from spellm_jax.spelling import Respeller
 
     if FLAGS.checkpoint:
         model, tokenizer, spelling = load_spellm(FLAGS.checkpoint)
@@ -53,19 +56,17 @@ def main(argv: list[str]) -> None:
         (model, tokenizer), spelling = load_pretrained(FLAGS.source), None
     else:
         model, tokenizer, spelling = spellm_from_pretrained(FLAGS.source, k=FLAGS.k)
-        if FLAGS.mode != "lm_head":
-            print("note: no --checkpoint, so the character heads are untrained (initialised from "
-                  "the LM head); expect rough text.")
+        print("note: no --checkpoint, so the character heads are untrained (initialised from "
+              "the LM head); expect rough text.")
     model = fused_for_inference(model)
     prompts = encode_prompts(tokenizer, FLAGS.prompt, FLAGS.chat)
-    sampling = decoding.Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
-    rule = {"lm_head": decoding.LMHeadRule, "free": decoding.FreeRule,
-            "vocab": decoding.VocabRule}[FLAGS.mode](sampling)
+    sampling = Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+    respeller = None if spelling is None else Respeller(spelling, tokenizer)
+    rule = decoding.rule_for(FLAGS.mode, sampling, respeller, FLAGS.beam)
     start = time.time()
     outputs = decoding.generate(model, prompts, FLAGS.max_new_tokens, rule,
                                 eos_ids=list(model.config.eos_token_ids),
-                                pad_id=tokenizer.pad_token_id or 0, seed=FLAGS.seed,
-                                spelling=spelling, tokenizer=tokenizer)
+                                pad_id=tokenizers.pad_id(tokenizer), seed=FLAGS.seed).tokens
     elapsed = time.time() - start
     for text, new in zip(FLAGS.prompt, outputs, strict=True):
         print(f"\n>>> {text}\n{tokenizer.decode(new, skip_special_tokens=True)}")

@@ -1,35 +1,21 @@
-"""Per-position symbol marginals of the teacher, factorized log-probabilities, and the losses."""
+"""The distillation loss: soft targets from the decoder, hard cross-entropy on the spelled teacher
+argmax, computed a chunk of positions at a time."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-
-def symbol_marginals(teacher_probs: jax.Array, table: jax.Array, num_symbols: int) -> jax.Array:
-    """`q_i(c) = Σ_{v: spell(v)_i = c} p(v)`: a segment-sum of `[..., V]` probabilities over the
-    `[V, k]` spelling table, giving `[..., k, C]`. Among factorized distributions `∏_i q_i`,
-    these marginals minimise `KL(p ‖ ∏_i q_i)`."""
-    lead = teacher_probs.shape[:-1]
-    flat = teacher_probs.reshape(-1, teacher_probs.shape[-1]).T  # [V, N]
-    per_head = [jax.ops.segment_sum(flat, table[:, i], num_segments=num_symbols)
-                for i in range(table.shape[1])]  # k x [C, N]
-    return jnp.stack(per_head).transpose(2, 0, 1).reshape(*lead, table.shape[1], num_symbols)
-
-
-def spelled_log_probs(symbol_log_probs: jax.Array, table: jax.Array) -> jax.Array:
-    """`Σ_i log q_i(spell(v)_i)` for every token v: `[..., k, C]` -> `[..., V]`, as k gathers of
-    V symbols (one per head) summed in place. One gather of `[V, k]` indices would materialise a
-    `[..., V, k]` temporary (1.7 GB for 4 x 128 positions of SmolLM2)."""
-    return sum(jnp.take(symbol_log_probs[..., i, :], table[:, i], axis=-1)
-               for i in range(table.shape[1]))
+from spellm_jax.models.char_decoders import CharDecoder
+from spellm_jax.spelling import DeviceSpelling
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Distillation targets: soft per-head marginal KL, hard CE on the spelled teacher argmax."""
+    """Distillation targets: soft KL to the decoder's targets, hard CE on the spelled teacher argmax."""
 
     soft_weight: float = 1.0
     hard_weight: float = 0.0
@@ -44,24 +30,27 @@ class LossConfig:
             raise ValueError("loss temperature must be > 0 and chunk_size >= 1.")
 
 
+SCALAR_METRICS = ("loss", "soft_kl", "hard_ce", "exact_token_acc", "truncated_share")
+PER_HEAD_METRICS = ("soft_kl_per_head", "head_acc")
 
 
-def position_losses(char_logits: jax.Array, teacher_logits: jax.Array, table: jax.Array,
-                    lengths: jax.Array, valid: jax.Array, config: LossConfig
-                    ) -> dict[str, jax.Array]:
-    """Per-position losses and metrics for `[..., k, C]` student and `[..., V]` teacher logits."""
-    k, num_symbols = char_logits.shape[-2:]
-    teacher_logits = jnp.where(valid, teacher_logits.astype(jnp.float32), -jnp.inf)
+def position_losses(decoder: CharDecoder, hidden: jax.Array, teacher_logits: jax.Array,
+                    spelling: DeviceSpelling, config: LossConfig) -> dict[str, jax.Array]:
+    """Per-position losses and metrics (`SCALAR_METRICS` `[...]`, `PER_HEAD_METRICS` `[..., k]`)
+    of the decoder on hidden states `[..., d]` against the teacher's logits `[..., V]`."""
+    teacher_logits = jnp.where(spelling.valid[...], teacher_logits.astype(jnp.float32), -jnp.inf)
     teacher_probs = jax.nn.softmax(teacher_logits / config.temperature, axis=-1)
-    targets = symbol_marginals(teacher_probs, table, num_symbols)  # [..., k, C]
+    teacher_token = jnp.argmax(teacher_logits, axis=-1)
+    target_rows = spelling.rows_of(teacher_token)  # [..., k]
+    targets = decoder.soft_targets(teacher_probs, target_rows, spelling)  # [..., k, C]
+    weights = decoder.loss_weights(target_rows, spelling)  # [..., k]
+    char_logits = decoder.logits(hidden, target_rows)
     student_log_probs = jax.nn.log_softmax(char_logits / config.temperature, axis=-1)
     soft_per_head = jnp.sum(
         jnp.where(targets > 0, targets * (jnp.log(jnp.maximum(targets, 1e-30)) - student_log_probs),
-                  0.0), axis=-1) * config.temperature**2  # [..., k]
-    teacher_token = jnp.argmax(teacher_logits, axis=-1)
-    target_rows = table[teacher_token]  # [..., k]
+                  0.0), axis=-1) * config.temperature**2 * weights  # [..., k]
     log_probs = jax.nn.log_softmax(char_logits, axis=-1)
-    hard_per_head = -jnp.take_along_axis(log_probs, target_rows[..., None], axis=-1)[..., 0]
+    hard_per_head = -jnp.take_along_axis(log_probs, target_rows[..., None], axis=-1)[..., 0] * weights
     head_correct = jnp.argmax(char_logits, axis=-1) == target_rows
     loss = (config.soft_weight * soft_per_head.sum(-1) + config.hard_weight * hard_per_head.sum(-1))
     return {
@@ -71,19 +60,19 @@ def position_losses(char_logits: jax.Array, teacher_logits: jax.Array, table: ja
         "soft_kl_per_head": soft_per_head,
         "head_acc": head_correct.astype(jnp.float32),
         "exact_token_acc": jnp.all(head_correct, axis=-1).astype(jnp.float32),
-        "truncated_share": (lengths[teacher_token] > k).astype(jnp.float32),
+        "truncated_share": (spelling.lengths[...][teacher_token] > spelling.k).astype(jnp.float32),
     }
 
 
 def chunked_distillation_loss(student_hidden: jax.Array, teacher_hidden: jax.Array,
-                              student_head, teacher_head, table: jax.Array, lengths: jax.Array,
-                              valid: jax.Array, mask: jax.Array, config: LossConfig
+                              decoder: CharDecoder, teacher_head: Callable[[jax.Array], jax.Array],
+                              spelling: DeviceSpelling, mask: jax.Array, config: LossConfig
                               ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean loss over masked positions, computed `chunk_size` positions at a time.
 
-    `student_head(h) -> [..., k, C]` and `teacher_head(h) -> [..., V]` map final hidden states
-    `[B, T, d]` to logits; each chunk is rematerialised in the backward pass, so only one chunk's
-    `[B, chunk, V]` teacher logits exist at any time. Returns the loss and summed metrics.
+    `teacher_head(h) -> [..., V]` maps final hidden states `[B, T, d]` to the teacher's logits;
+    each chunk is rematerialised in the backward pass, so only one chunk's `[B, chunk, V]` teacher
+    logits exist at any time. Returns the loss and summed metrics.
     """
     batch, length, _ = student_hidden.shape
     chunk = min(config.chunk_size, length)
@@ -97,17 +86,15 @@ def chunked_distillation_loss(student_hidden: jax.Array, teacher_hidden: jax.Arr
     @jax.checkpoint
     def chunk_sums(carry, xs):
         h_student, h_teacher, m = xs
-        per_position = position_losses(student_head(h_student),
-                                       jax.lax.stop_gradient(teacher_head(h_teacher)),
-                                       table, lengths, valid, config)
+        per_position = position_losses(decoder, h_student,
+                                       jax.lax.stop_gradient(teacher_head(h_teacher)), spelling,
+                                       config)
         m = m.astype(jnp.float32)
         sums = {name: jnp.einsum("bt,bt...->...", m, value) for name, value in per_position.items()}
         return jax.tree.map(jnp.add, carry, sums), None
 
-    k = table.shape[1]
-    zeros = {name: jnp.zeros(()) for name in ("loss", "soft_kl", "hard_ce", "exact_token_acc",
-                                             "truncated_share")}
-    zeros |= {"soft_kl_per_head": jnp.zeros((k,)), "head_acc": jnp.zeros((k,))}
+    zeros = dict.fromkeys(SCALAR_METRICS, jnp.zeros(()))
+    zeros |= dict.fromkeys(PER_HEAD_METRICS, jnp.zeros((spelling.k,)))
     sums, _ = jax.lax.scan(chunk_sums, zeros,
                            (split(student_hidden), split(teacher_hidden), split(mask)))
     sums["tokens"] = mask.astype(jnp.float32).sum()

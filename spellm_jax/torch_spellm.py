@@ -6,48 +6,92 @@
     prompt = spellm.tokenizer("Once upon a time")["input_ids"]
     new_ids = spellm.generate([prompt], max_new_tokens=32, mode="free")[0]
 
-`mode="free"`: each head picks its symbol; a string that is one token feeds that token, any other
-string is turned into input ids by the spelling table and the tokenizer. `mode="vocab"`: the token
-whose spelling the heads score highest. `mode="lm_head"`: the original output layer. Greedy, with
+`mode="free"`: the decoder chooses a row of symbols; a string that is one token feeds that token,
+any other string is turned into input ids by the spelling table and the tokenizer. `mode="vocab"`:
+the token whose spelling the decoder scores highest. `mode="lm_head"`: the original output layer. Greedy, with
 a KV cache, one prompt at a time; the same choices as `spellm_jax.decoding.generate`.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
-from spellm_jax.charset import SpellingTable
 from spellm_jax.conversion import spellm_files
+from spellm_jax.spelling import Respeller, SpellingTable
+from spellm_jax.spelling.trie import PrefixTrie
 
 Mode = Literal["free", "vocab", "lm_head"]
 
 
-class TorchCharHeads(nn.Module):
-    """Hidden states `[..., d]` -> symbol logits `[..., k, C]` (fp32), the twin of `CharHeads`."""
+class TorchCharDecoder(Protocol):
+    """The PyTorch twin of `models.char_decoders.CharDecoder` (greedy decoding): built from an
+    export's tensors, its `heads` config and the spelling table's `[V, k]` rows."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], adapter: str):
+    def logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced symbol logits `[..., k, C]` (fp32)."""
+        ...
+
+    def choose(self, hidden: torch.Tensor, constrained: bool = False, beam: int = 1
+               ) -> torch.Tensor:
+        """The greedy rows `[..., k]` (the best of `beam` where the kind searches); with
+        `constrained`, the row of a vocabulary token."""
+        ...
+
+
+TorchDecoderFactory = Callable[[dict[str, torch.Tensor], dict[str, Any], torch.Tensor,
+                                torch.Tensor, SpellingTable], nn.Module]
+TORCH_DECODERS: dict[str, TorchDecoderFactory] = {}
+
+
+def register_torch_decoder(kind: str) -> Callable[[TorchDecoderFactory], TorchDecoderFactory]:
+    """Class decorator: exports of decoder `kind` are read by `cls(tensors, heads, table, valid,
+    spelling)`."""
+
+    def register(factory: TorchDecoderFactory) -> TorchDecoderFactory:
+        TORCH_DECODERS[kind] = factory
+        return factory
+
+    return register
+
+
+def token_scores(symbol_scores: torch.Tensor, table: torch.Tensor, valid: torch.Tensor
+                 ) -> torch.Tensor:
+    """`Σ_i s_i(spell(v)_i)` for every token v: `[..., k, C]` -> `[..., V]`, -inf where invalid."""
+    k = table.shape[1]
+    scores = symbol_scores[..., torch.arange(k)[None, :], table].sum(-1)
+    return scores.masked_fill(~valid, -torch.inf)
+
+
+@register_torch_decoder("independent")
+class TorchIndependentHeads(nn.Module):
+    """The twin of `IndependentHeads`: hidden states `[..., d]` -> symbol logits `[..., k, C]`."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], heads: dict[str, Any],
+                 table: torch.Tensor, valid: torch.Tensor, spelling: SpellingTable | None = None):
         super().__init__()
-        self.adapter = adapter
+        self.adapter = heads["adapter"]
         self.weights = nn.ParameterDict({
             name.replace("/", "_"): nn.Parameter(value.float(), requires_grad=False)
             for name, value in tensors.items()})
+        self.register_buffer("table", table)
+        self.register_buffer("valid", valid)
 
     def _get(self, name: str) -> torch.Tensor | None:
-        key = name.replace("/", "_")
-        return self.weights.get(key)
+        return self.weights.get(name.replace("/", "_"))
 
     def _dense(self, x: torch.Tensor, name: str, equation: str) -> torch.Tensor:
         y = torch.einsum(equation, x, self._get(f"{name}/kernel"))
         bias = self._get(f"{name}/bias")
         return y if bias is None else y + bias
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        del rows
         h = hidden.float()
         if self.adapter == "shared":
             h = h + self._dense(nn.functional.silu(self._dense(h, "adapter/up", "...d,dh->...h")),
@@ -63,16 +107,128 @@ class TorchCharHeads(nn.Module):
             logits = logits + bias
         return logits + self._get(spellm_files.SYMBOL_MASK)
 
+    def choose(self, hidden: torch.Tensor, constrained: bool = False, beam: int = 1
+               ) -> torch.Tensor:
+        if constrained:
+            scores = token_scores(torch.log_softmax(self.logits(hidden), dim=-1), self.table,
+                                  self.valid)
+            return self.table[scores.argmax(-1)]
+        return self.logits(hidden).argmax(-1)
+
+
+class TorchPrefixTrie:
+    """`spelling.trie.PrefixTrie` as torch tensors: allowed symbols and range narrowing."""
+
+    def __init__(self, spelling: SpellingTable):
+        trie = PrefixTrie.of(spelling)
+        self.count, self.num_symbols = trie.count, trie.num_symbols
+        self.rows = torch.as_tensor(trie.rows, dtype=torch.long)
+        bits = np.unpackbits(trie.allowed, axis=-1, bitorder="little")[..., :trie.num_symbols]
+        self.allowed_by_node = torch.as_tensor(bits.astype(bool))  # [k, V, C]
+
+    def allowed(self, depth: int, lo: torch.Tensor) -> torch.Tensor:
+        return self.allowed_by_node[depth][lo]
+
+    def narrow(self, depth: int, lo: torch.Tensor, hi: torch.Tensor, symbol: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        column = self.rows[:, depth].contiguous()
+        new_lo = torch.stack([lo[j] + torch.searchsorted(column[lo[j]:hi[j]], symbol[j])
+                              for j in range(len(lo))]) if len(lo) else lo
+        new_hi = torch.stack([lo[j] + torch.searchsorted(column[lo[j]:hi[j]], symbol[j],
+                                                         right=True)
+                              for j in range(len(lo))]) if len(lo) else hi
+        return new_lo, new_hi
+
+
+def torch_search(step: Callable, state: torch.Tensor, k: int, pad: int, beam: int,
+                 trie: TorchPrefixTrie | None) -> torch.Tensor:
+    """`search.search_rows` for one hidden state, greedy or beam: the best row `[k]`."""
+    score = torch.full((beam,), -torch.inf)
+    score[0] = 0.0
+    rows = torch.full((beam, k), pad, dtype=torch.long)
+    done = torch.zeros(beam, dtype=torch.bool)
+    lo = torch.zeros(beam, dtype=torch.long)
+    hi = torch.full((beam,), trie.count if trie is not None else 0, dtype=torch.long)
+    previous = None
+    for i in range(k):
+        logits, state = step(state, previous, i)  # [B, C]
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        if trie is not None:
+            allowed = trie.allowed(i, lo)
+            masked = logits.float().masked_fill(~allowed, -torch.inf)
+            log_probs = (masked - torch.logsumexp(masked, -1, keepdim=True)).masked_fill(
+                ~allowed, -torch.inf)
+        is_pad = torch.arange(logits.shape[-1]) == pad
+        finished = torch.where(is_pad, 0.0, -torch.inf).expand_as(log_probs)
+        log_probs = torch.where(done[:, None], finished, log_probs)
+        if beam == 1:
+            symbol = torch.where(done, pad, log_probs.argmax(-1))
+            parents = torch.zeros(1, dtype=torch.long)
+        else:
+            score, flat = torch.topk((score[:, None] + log_probs).reshape(-1), beam)
+            parents, symbol = flat // logits.shape[-1], flat % logits.shape[-1]
+            rows, state, done, lo, hi = rows[parents], state[parents], done[parents], \
+                lo[parents], hi[parents]
+        rows = rows.clone()
+        rows[:, i] = symbol
+        if trie is not None:
+            lo, hi = trie.narrow(i, lo, hi, symbol)
+        done = done | (symbol == pad)
+        previous = symbol
+    return rows[int(score.argmax())]
+
+
+@register_torch_decoder("chain")
+class TorchChainHeads(TorchIndependentHeads):
+    """The twin of `ChainHeads`: the independent heads plus the recurrence over chosen symbols."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], heads: dict[str, Any],
+                 table: torch.Tensor, valid: torch.Tensor, spelling: SpellingTable):
+        super().__init__(tensors, heads, table, valid)
+        self.trie = TorchPrefixTrie(spelling)
+        self.pad = spelling.pad_symbol
+
+    def _step(self, hidden: torch.Tensor):
+        base = super().logits(hidden)  # [k, C]
+
+        def step(s, previous, i):
+            if previous is not None:
+                s = nn.functional.silu(s @ self._get("transition")
+                                       + self._get("symbol_embed")[i][previous])
+            return base[i] + s @ self._get("readout")[i], s
+
+        return step, torch.tanh(hidden.float() @ self._get("state_in"))[None]
+
+    def logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        if rows is None:
+            rows = torch.stack([self.choose(h) for h in flat])
+        rows = rows.reshape(len(flat), -1)
+        out = []
+        for h, row in zip(flat, rows, strict=True):
+            step, state = self._step(h)
+            per_symbol = []
+            for i in range(row.shape[0]):
+                logits, state = step(state, None if i == 0 else row[i - 1:i], i)
+                per_symbol.append(logits[0])
+            out.append(torch.stack(per_symbol))
+        return torch.stack(out).reshape(*hidden.shape[:-1], *out[0].shape)
+
+    def choose(self, hidden: torch.Tensor, constrained: bool = False, beam: int = 1
+               ) -> torch.Tensor:
+        step, state = self._step(hidden)
+        return torch_search(step, state.expand(beam, -1), self.table.shape[1], self.pad, beam,
+                            self.trie if constrained else None)
+
 
 class TorchSpeLLM(nn.Module):
-    """The backbone (a transformers causal LM), the character heads, the spelling table and the
-    tokenizer of an exported SpeLLM directory."""
+    """The backbone (a transformers causal LM), the character decoder, the spelling table and
+    the tokenizer of an exported SpeLLM directory."""
 
-    def __init__(self, lm: nn.Module, heads: TorchCharHeads, spelling: SpellingTable, tokenizer):
+    def __init__(self, lm: nn.Module, decoder: nn.Module, spelling: SpellingTable, tokenizer):
         super().__init__()
-        self.lm, self.heads, self.spelling, self.tokenizer = lm, heads, spelling, tokenizer
-        self.register_buffer("table", torch.as_tensor(spelling.table, dtype=torch.long))
-        self.register_buffer("token_valid", torch.as_tensor(spelling.valid))
+        self.lm, self.decoder, self.spelling, self.tokenizer = lm, decoder, spelling, tokenizer
+        self.respeller = Respeller(spelling, tokenizer)
         eos = lm.config.eos_token_id
         self.eos_ids = set() if eos is None else set(eos if isinstance(eos, list) else [eos])
 
@@ -85,45 +241,41 @@ class TorchSpeLLM(nn.Module):
         if not spellm_files.has_spellm_parts(path):
             raise FileNotFoundError(f"{path} has no {spellm_files.CONFIG_FILE}; export a trained "
                                     "SpeLLM with `python -m spellm_jax.export` first.")
-        config = json.loads((path / spellm_files.CONFIG_FILE).read_text())
-        spelling = SpellingTable.load(path / spellm_files.SPELLING_FILE)
-        spelling.check_hash(config["spelling_table_hash"], str(path / spellm_files.CONFIG_FILE))
+        config, spelling = spellm_files.read_description(path)
         tensors = spellm_files.from_file_names(load_file(str(path / spellm_files.HEADS_FILE)))
-        heads = TorchCharHeads(tensors, config["heads"]["adapter"])
+        heads = config["heads"]
+        kind = heads.get("kind", "independent")  # exports before decoder kinds existed
+        if kind not in TORCH_DECODERS:
+            raise ValueError(f"{path} holds a {kind!r} character decoder, which has no PyTorch "
+                             f"twin here; known kinds: {', '.join(TORCH_DECODERS)}.")
+        decoder = TORCH_DECODERS[kind](tensors, heads,
+                                       torch.as_tensor(spelling.table, dtype=torch.long),
+                                       torch.as_tensor(spelling.valid), spelling)
         lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
-        return cls(lm, heads, spelling, AutoTokenizer.from_pretrained(str(path))).eval()
+        return cls(lm, decoder, spelling, AutoTokenizer.from_pretrained(str(path))).eval()
 
-    def char_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.heads(hidden)
-
-    def vocab_log_scores(self, char_logits: torch.Tensor) -> torch.Tensor:
-        """`Σ_i log q_i(spell(v)_i)` for every token v `[..., V]`; -inf for unspellable rows."""
-        log_probs = torch.log_softmax(char_logits, dim=-1)
-        k = self.table.shape[1]
-        scores = log_probs[..., torch.arange(k)[None, :], self.table].sum(-1)
-        return scores.masked_fill(~self.token_valid, -torch.inf)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """Character logits `[B, T, k, C]`."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Character logits `[B, T, k, C]`, teacher-forced on `rows` `[B, T, k]`."""
         hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.char_logits(hidden)
+        return self.decoder.logits(hidden, rows)
 
-    def next_ids(self, hidden: torch.Tensor, mode: Mode) -> list[int]:
+    def next_ids(self, hidden: torch.Tensor, mode: Mode, beam: int = 1) -> list[int]:
         """The input ids that follow the final hidden state `[d]` of one row (greedy)."""
         if mode == "lm_head":
             return [int(self.lm.lm_head(hidden).argmax())]
-        logits = self.char_logits(hidden)
         if mode == "vocab":
-            return [int(self.vocab_log_scores(logits).argmax())]
+            row = self.decoder.choose(hidden, constrained=True, beam=beam)
+            return [self.spelling.token_for_row(row.tolist())]
         if mode == "free":
-            return self.spelling.ids_for_row(logits.argmax(-1).tolist(), self.tokenizer)
+            return self.respeller.ids_for_row(self.decoder.choose(hidden, beam=beam).tolist())
         raise ValueError(f"mode={mode!r}; choose 'free', 'vocab' or 'lm_head'.")
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, mode: Mode = "free"
-                 ) -> list[list[int]]:
-        """New token ids for each prompt (ending with the EOS id if one was produced)."""
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, mode: Mode = "free",
+                 beam: int = 1) -> list[list[int]]:
+        """New token ids for each prompt (ending with the EOS id if one was produced); `beam`
+        strings per step where the decoder searches."""
         outputs = []
         for prompt in prompts:
             if not prompt:
@@ -131,7 +283,7 @@ class TorchSpeLLM(nn.Module):
             step = self.lm.model(input_ids=torch.tensor([list(prompt)]), use_cache=True)
             new: list[int] = []
             while len(new) < max_new_tokens:
-                ids = self.next_ids(step.last_hidden_state[0, -1], mode)
+                ids = self.next_ids(step.last_hidden_state[0, -1], mode, beam)
                 new += ids
                 if self.eos_ids.intersection(ids):
                     break

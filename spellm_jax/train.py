@@ -12,9 +12,14 @@ from ml_collections import config_flags
 from spellm_jax import cli
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/llama.py", "Training config file[:preset].",
-                                lock_config=True)
 flags.DEFINE_string("workdir", "workdir/smollm2", "Checkpoints, metrics and the spelling table.")
+
+
+def define_config_flag() -> None:
+    """`--config`; ml_collections applies `--config.x.y=` overrides from the command line as it
+    defines the flag, so `cli.run` defines it where it reports bad input."""
+    config_flags.DEFINE_config_file("config", "configs/llama.py", "Training config file[:preset].",
+                                    lock_config=True)
 
 
 def main(argv: list[str]) -> None:
@@ -25,4 +30,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, define_flags=define_config_flag)

@@ -10,14 +10,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spellm_jax.charset import (
+from spellm_jax.spelling import (
     MAX_K,
+    DeviceSpelling,
+    Respeller,
     SpellingTable,
     SpellingTableMismatchError,
     UnsupportedTokenizerError,
     choose_k,
-    gpt2_unicode_to_byte,
+    coverage,
+    coverage_report,
 )
+from spellm_jax.spelling.pieces import gpt2_unicode_to_byte
 from spellm_jax.tokenizers import load_tokenizer
 
 K = 16
@@ -67,6 +71,17 @@ def mistral(request) -> Vocab:
     return _vocab("mistral", request)
 
 
+_RESPELLERS: dict[tuple[int, int], Respeller] = {}
+
+
+def respeller(spelling: SpellingTable, tokenizer: Any = None) -> Respeller:
+    """One Respeller per (table, tokenizer), so the property tests build its index once."""
+    key = (id(spelling), id(tokenizer))
+    if key not in _RESPELLERS:
+        _RESPELLERS[key] = Respeller(spelling, tokenizer)
+    return _RESPELLERS[key]
+
+
 def _spelled(spelling: SpellingTable, ids: list[int]) -> bytes:
     return b"".join(spelling.spellings[i] for i in ids)
 
@@ -114,7 +129,7 @@ def test_unknown_tokenizer_name():
 
 def test_every_token_round_trips_through_its_row(vocab):
     spelling, tokenizer = vocab.spelling, vocab.tokenizer
-    print(f"\n{vocab.name}:\n{spelling.coverage_report()}")
+    print(f"\n{vocab.name}:\n{coverage_report(spelling)}")
     assert spelling.vocab_size == len(tokenizer)
     assert spelling.table.shape == (spelling.vocab_size, K) and spelling.table.dtype == np.int32
     assert spelling.num_symbols == 256 + len(spelling.special_ids) + 1
@@ -139,7 +154,7 @@ def test_spellings_agree_with_the_tokenizers_decoding(vocab):
     """`decode([anchor, i])` is the anchor's text then token i's: the spelling (SentencePiece's decoder
     strips a leading space only at the start of the text, hence the anchor)."""
     spelling, tokenizer = vocab.spelling, vocab.tokenizer
-    anchor = spelling.ids_for_bytes(b"a")[0]
+    anchor = Respeller(spelling).ids_for_bytes(b"a")[0]
     ids = [i for i in range(spelling.vocab_size) if spelling.spellings[i]]
     texts = tokenizer.batch_decode([[anchor, i] for i in ids])
     compared = [(i, text) for i, text in zip(ids, texts, strict=True) if "\ufffd" not in text]
@@ -183,7 +198,7 @@ def test_special_tokens(vocab):
     assert spelling.unspell(symbols) == (b"hi", eos)
     assert spelling.unspell([*b"hi", spelling.pad_symbol, spelling.special_symbol(eos)]) == (b"hi", None)
     with pytest.raises(ValueError, match="not a special token"):
-        spelling.special_symbol(spelling.ids_for_bytes(b"a")[0])
+        spelling.special_symbol(Respeller(spelling).ids_for_bytes(b"a")[0])
     with pytest.raises(ValueError, match="outside the alphabet"):
         spelling.unspell([spelling.num_symbols])
 
@@ -205,28 +220,25 @@ def test_canonical_is_one_token_per_distinct_row(vocab):
 
 def test_host_row_lookup_matches_the_device_lookup(fast_vocab):
     """`token_for_row` (the PyTorch module's and the host's lookup) finds exactly the tokens that
-    `spelling_lookup.lookup` finds on device, also for rows with symbols after the first PAD."""
-    from spellm_jax import spelling_lookup
-
+    `DeviceSpelling.lookup` finds on device, also for rows with symbols after the first PAD."""
     spelling = fast_vocab.spelling
     rng = np.random.default_rng(0)
     rows = spelling.table[rng.choice(spelling.vocab_size, 512)].copy()
     rows[:64, -1] = rng.integers(0, 256, 64)  # noise after PAD (or a changed last symbol)
     rows[64:96] = rng.integers(0, 256, (32, spelling.k))  # mostly not tokens
-    hashes, ids = spelling_lookup.build_lookup(spelling.table, spelling.canonical)
-    canonical = spelling_lookup.canonical_rows(rows, spelling.pad_symbol)
-    on_device = np.asarray(spelling_lookup.lookup(canonical, spelling.table, hashes, ids))
+    on_device = np.asarray(DeviceSpelling.of(spelling).lookup(rows))
     on_host = [spelling.token_for_row(row) for row in rows]
     assert [-1 if t is None else t for t in on_host] == on_device.tolist()
     assert sum(t is None for t in on_host) >= 30
+    single_bytes = {s[0] for s in spelling.spellings if len(s) == 1}
+    respeller = Respeller(spelling)
     for row, token in zip(rows, on_host, strict=True):
-        ids = spelling.ids_for_row(row)
+        ids = respeller.ids_for_row(row)
         if token is not None:
             assert ids == [token]
-        else:  # the host feeds tokens that spell the row's bytes (less any unspellable byte)
+        else:  # the host feeds tokens spelling the row's bytes, less those no token is spelled as
             text, _ = spelling.unspell(row)
-            fed = b"".join(spelling.spellings[i] for i in ids)
-            assert len(fed) <= len(text) and all(byte in text for byte in fed)
+            assert _spelled(spelling, ids) == bytes(b for b in text if b in single_bytes)
 
 
 def test_canonical_prefers_real_pieces_over_byte_fallback(mistral):
@@ -247,7 +259,7 @@ def _check_ids_for_bytes(vocab: Vocab, data: bytes) -> None:
     single_bytes = {s[0] for s in spelling.spellings if len(s) == 1}
     for tokenizer in (vocab.tokenizer, None):
         try:
-            ids = spelling.ids_for_bytes(data, tokenizer)
+            ids = respeller(spelling, tokenizer).ids_for_bytes(data)
         except ValueError as error:
             named = int(re.search(r"byte 0x([0-9a-f]{2})", str(error))[1], 16)
             assert named in data and named not in single_bytes
@@ -287,20 +299,22 @@ def test_unspell_of_spell_then_pad(fast_vocab, pick, tail):
 
 def test_ids_for_bytes_examples(smollm2, mistral):
     spelling, tokenizer = smollm2.spelling, smollm2.tokenizer
-    assert spelling.ids_for_bytes(b"") == []
-    assert spelling.ids_for_bytes(b" the", tokenizer) == tokenizer.encode(" the")
+    assert Respeller(spelling).ids_for_bytes(b"") == []
+    assert Respeller(spelling, tokenizer).ids_for_bytes(b" the") == tokenizer.encode(" the")
     text = "Hello, world! The capital of France is Paris.\n\tdef f(x): return x ** 2"
-    assert spelling.ids_for_bytes(text.encode(), tokenizer) == tokenizer.encode(text)
+    assert Respeller(spelling, tokenizer).ids_for_bytes(text.encode()) == tokenizer.encode(text)
     # The tokenizer turns "<|im_end|>" into the special token; the spelling of the text must stay text.
-    ids = spelling.ids_for_bytes(b"a<|im_end|>b", tokenizer)
+    ids = Respeller(spelling, tokenizer).ids_for_bytes(b"a<|im_end|>b")
     assert _spelled(spelling, ids) == b"a<|im_end|>b" and tokenizer.eos_token_id not in ids
     # SentencePiece spells "a" twice ("a" and "<0x61>"): the real piece wins, with or without tokenizer.
     piece_a = mistral.tokenizer.convert_tokens_to_ids("a")
-    assert mistral.spelling.ids_for_bytes(b"a", mistral.tokenizer) == [piece_a]
-    assert mistral.spelling.ids_for_bytes(b"a") == [piece_a]
-    assert mistral.spelling.ids_for_bytes(b"\xff") == [mistral.tokenizer.convert_tokens_to_ids("<0xFF>")]
+    assert Respeller(mistral.spelling, mistral.tokenizer).ids_for_bytes(b"a") == [piece_a]
+    assert Respeller(mistral.spelling).ids_for_bytes(b"a") == [piece_a]
+    byte_ff = mistral.tokenizer.convert_tokens_to_ids("<0xFF>")
+    assert Respeller(mistral.spelling).ids_for_bytes(b"\xff") == [byte_ff]
     with pytest.raises(ValueError, match=re.escape("byte 0x04 (offset 1)")):
-        spelling.ids_for_bytes(b"a\x04b", tokenizer)  # the tokenizer drops it: ids for "ab" would lie
+        # the tokenizer drops it: ids for "ab" would lie
+        Respeller(spelling, tokenizer).ids_for_bytes(b"a\x04b")
 
 
 # -- hand-made tables -----------------------------------------------------------------------------
@@ -313,11 +327,11 @@ def _tiny(spellings: tuple[bytes, ...], k: int = 4, special_ids=(), byte_fallbac
 
 def test_greedy_longest_match_and_unspellable_bytes():
     spelling = _tiny((b"a", b"ab", b"b", b"", b"abc"), special_ids=(3,))
-    assert spelling.ids_for_bytes(b"ab") == [1]
-    assert spelling.ids_for_bytes(b"aab") == [0, 1]
-    assert spelling.ids_for_bytes(b"abcab") == [4, 1]
+    assert Respeller(spelling).ids_for_bytes(b"ab") == [1]
+    assert Respeller(spelling).ids_for_bytes(b"aab") == [0, 1]
+    assert Respeller(spelling).ids_for_bytes(b"abcab") == [4, 1]
     with pytest.raises(ValueError, match="byte 0x63"):
-        spelling.ids_for_bytes(b"bc")
+        Respeller(spelling).ids_for_bytes(b"bc")
 
 
 def test_table_truncates_and_canonical_prefers_full_then_real_pieces():
@@ -376,7 +390,7 @@ def test_coverage_is_a_monotone_share(smollm2):
     spelling = smollm2.spelling
     counts = np.random.default_rng(0).zipf(1.3, spelling.vocab_size) % 10_000
     ks = (1, 2, 4, 8, 12, 16, 24, 100)
-    rows = spelling.coverage(ks, counts)
+    rows = coverage(spelling, ks, counts)
     assert [row["k"] for row in rows] == list(ks)
     for key in ("type_coverage", "occurrence_coverage"):
         shares = [row[key] for row in rows]
@@ -387,10 +401,11 @@ def test_coverage_is_a_monotone_share(smollm2):
         expected = counts[spelling.lengths <= row["k"]].sum() / counts.sum()
         assert row["occurrence_coverage"] == pytest.approx(expected, abs=1e-12)
     chosen = choose_k(spelling.lengths, counts, target=0.99)
-    shares = {row["k"]: row["occurrence_coverage"] for row in spelling.coverage((chosen - 1, chosen), counts)}
+    rows = coverage(spelling, (chosen - 1, chosen), counts)
+    shares = {row["k"]: row["occurrence_coverage"] for row in rows}
     assert shares[chosen] >= 0.99 > shares[chosen - 1]
-    assert spelling.coverage((8,))[0]["occurrence_coverage"] is None
-    report = spelling.coverage_report(counts=counts)
+    assert coverage(spelling, (8,))[0]["occurrence_coverage"] is None
+    report = coverage_report(spelling, counts=counts)
     assert "| 16 |" in report and "%" in report
 
 

@@ -3,13 +3,12 @@ teacher's own resumable generations. Corpora and generations are built from scra
 temporary cache that links only the assets."""
 
 import json
-import types
 
 import ml_collections
 import numpy as np
 import pytest
 
-from spellm_jax import assets
+from spellm_jax import assets, decoding
 from spellm_jax.data import (
     BatchIterator,
     SelfGeneratedSpec,
@@ -218,6 +217,13 @@ def test_iterator_refuses_bad_setups():
 # ---------------------------------------------------------------- self-generated data
 
 
+def sampler_of(teacher, spec: SelfGeneratedSpec):
+    """The teacher's self-generation as the trainer builds it for `spec`."""
+    model, tokenizer = teacher
+    return lambda: decoding.sampler(model, tokenizer, decoding.LMHeadRule(spec.sampling),
+                                    spec.new_tokens)
+
+
 def tiny_spec(num_samples: int, **overrides) -> SelfGeneratedSpec:
     # prompts of 20-24 tokens share one padded prompt length, hence one compilation
     settings = dict(corpora=("shakespeare",), num_samples=num_samples, prompt_tokens=(20, 24),
@@ -228,13 +234,14 @@ def tiny_spec(num_samples: int, **overrides) -> SelfGeneratedSpec:
 def test_self_generated_resumes_and_is_deterministic(cache, teacher, tokenizer):
     two, four = tiny_spec(2), tiny_spec(4)
     assert shard_dir(two) == shard_dir(four)  # num_samples is not part of the key
-    directory = generate_shards(two, teacher, progress=False)
+    directory = generate_shards(two, tokenizer, sampler_of(teacher, two), progress=False)
     first_shard = directory / "part-00000.npz"
     written = first_shard.stat().st_mtime_ns
     assert self_generated_lib.num_shards(directory) == 1
     (directory / "part-00001.npz.123.tmp").write_bytes(b"half-written by a killed run")
 
-    samples = load_self_generated(four, teacher, progress=False)  # continues with batch 1 only
+    samples = load_self_generated(four, tokenizer, sampler_of(teacher, four),
+                                  progress=False)  # continues with batch 1 only
     assert first_shard.stat().st_mtime_ns == written
     assert self_generated_lib.num_shards(directory) == 2 and len(samples) == 4
     assert [s.ids.tolist() for s in samples[:2]] == [s.ids.tolist() for s in read_samples(two)]
@@ -243,15 +250,17 @@ def test_self_generated_resumes_and_is_deterministic(cache, teacher, tokenizer):
     def no_teacher():
         raise AssertionError("a finished set must be reused without the teacher")
 
-    again = load_self_generated(four, no_teacher, progress=False)
+    again = load_self_generated(four, tokenizer, no_teacher, progress=False)
     assert [s.ids.tolist() for s in again] == [s.ids.tolist() for s in samples]
 
     # A different seed gives other samples; the same seed regenerated from scratch the same ones.
-    other = load_self_generated(tiny_spec(2, seed=6), teacher, progress=False)
+    other_spec = tiny_spec(2, seed=6)
+    other = load_self_generated(other_spec, tokenizer, sampler_of(teacher, other_spec),
+                                progress=False)
     assert [s.ids.tolist() for s in other] != [s.ids.tolist() for s in samples[:2]]
     for path in directory.glob("part-*.npz"):
         path.unlink()
-    generate_shards(four, teacher, progress=False)
+    generate_shards(four, tokenizer, sampler_of(teacher, four), progress=False)
     assert [s.ids.tolist() for s in read_samples(four)] == [s.ids.tolist() for s in samples]
 
     train = load_named_documents("shakespeare", "train")
@@ -275,16 +284,16 @@ def test_prompts_come_from_their_split_only(cache, tokenizer):
         assert len(ids) == 24 and decode(tokenizer, ids) in heldout_text
 
 
-def test_training_data_packs_cached_generations(cache, tokenizer):
+def test_training_data_packs_cached_generations(cache, teacher, tokenizer):
     spec = tiny_spec(4)
-    generate_shards(spec, lambda: pytest.fail("the generations above are cached"), progress=False)
+    generate_shards(spec, tokenizer, sampler_of(teacher, spec), progress=False)  # or cached
     config = ml_collections.ConfigDict({
         "seed": spec.seed, "train": {"seq_len": 16},
         "data": {"source": "self_generated", "corpora": spec.corpora, "num_samples": 4,
                  "prompt_tokens": spec.prompt_tokens, "new_tokens": 8, "temperature": 1.0,
                  "top_p": 0.9, "generation_batch": 2, "eval_prompts": 3}})
-    stand_in = types.SimpleNamespace(tokenizer=tokenizer, source=spec.teacher)  # never built
-    data = training_data(config, stand_in)
+    data = training_data(config, tokenizer, spec.teacher,
+                         lambda: pytest.fail("the generations are cached: no teacher is built"))
     expected = pack_ids([s.ids for s in read_samples(spec)], 16, EOS, tokenizer.pad_token_id)
     np.testing.assert_array_equal(data.tokens, expected.tokens)
     np.testing.assert_array_equal(data.loss_mask, expected.loss_mask)

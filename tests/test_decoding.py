@@ -9,6 +9,7 @@ from flax import nnx
 from spellm_jax import decoding
 from spellm_jax.models.config import ModelConfig
 from spellm_jax.models.llama import LlamaForCausalLM, RuntimeOptions, fused_for_inference
+from spellm_jax.sampling import Sampling, sample
 from tests.hf_configs import TINY_CONFIGS
 
 
@@ -35,7 +36,7 @@ def greedy_by_full_forward(model, prompt, steps):
 def test_kv_cache_greedy_equals_full_forward(scan_layers):
     model = tiny_model(scan_layers)
     prompts = [[5, 17, 99, 3], [42, 7, 7, 8, 1, 2, 3, 60, 61, 62, 100, 11, 12, 13, 14, 15, 16, 17]]
-    got = decoding.generate(model, prompts, 12)
+    got = decoding.generate(model, prompts, 12).tokens
     for prompt, new in zip(prompts, got, strict=True):
         assert new == greedy_by_full_forward(model, prompt, 12)
 
@@ -69,7 +70,8 @@ def test_fused_projections_compute_the_same_function(variant):
     ids = jnp.asarray(np.random.RandomState(1).randint(0, 128, (2, 12)))
     assert np.abs(np.asarray(fused(ids)) - np.asarray(model(ids))).max() <= 1e-5
     prompts = [[5, 17, 99, 3], [42, 7, 7, 8, 1, 2, 3]]
-    assert decoding.generate(fused, prompts, 12) == decoding.generate(model, prompts, 12)
+    assert (decoding.generate(fused, prompts, 12).tokens
+            == decoding.generate(model, prompts, 12).tokens)
     attention = fused.model.layers if variant == "scan" else fused.model.layers[0]
     assert attention.self_attn.q_proj is None and attention.mlp.gate_proj is None
     original = model.model.layers if variant == "scan" else model.model.layers[0]
@@ -86,16 +88,16 @@ def test_left_padded_batch_equals_each_example_alone():
     batch = model(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     alone = model(jnp.asarray([short]))
     assert np.abs(np.asarray(batch[0, -len(short):]) - np.asarray(alone[0])).max() <= 1e-5
-    together = decoding.generate(model, [short, long], 10)
-    assert together[0] == decoding.generate(model, [short], 10)[0]
-    assert together[1] == decoding.generate(model, [long], 10)[0]
+    together = decoding.generate(model, [short, long], 10).tokens
+    assert together[0] == decoding.generate(model, [short], 10).tokens[0]
+    assert together[1] == decoding.generate(model, [long], 10).tokens[0]
 
 
 def test_generation_stops_each_row_at_eos():
     model = tiny_model()
-    free = decoding.generate(model, [[5, 6, 7], [1, 2]], 10)
+    free = decoding.generate(model, [[5, 6, 7], [1, 2]], 10).tokens
     eos = free[0][3]
-    got = decoding.generate(model, [[5, 6, 7], [1, 2]], 10, eos_ids=[eos])
+    got = decoding.generate(model, [[5, 6, 7], [1, 2]], 10, eos_ids=[eos]).tokens
     assert got[0] == free[0][:free[0].index(eos) + 1]
     assert got[1] == (free[1][:free[1].index(eos) + 1] if eos in free[1] else free[1])
 
@@ -103,15 +105,15 @@ def test_generation_stops_each_row_at_eos():
 def test_sampling_respects_top_k_and_top_p():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
     keys = jax.random.split(jax.random.key(0), 400)
-    top2 = np.asarray(jax.vmap(lambda k: decoding.sample(logits, k, decoding.Sampling(1.0, 2)))(keys))
+    top2 = np.asarray(jax.vmap(lambda k: sample(logits, k, Sampling(1.0, 2)))(keys))
     assert set(np.unique(top2)) == {0, 1}
-    nucleus = np.asarray(jax.vmap(lambda k: decoding.sample(logits, k,
-                                                            decoding.Sampling(1.0, 0, 0.8)))(keys))
+    nucleus = np.asarray(jax.vmap(lambda k: sample(logits, k,
+                                                            Sampling(1.0, 0, 0.8)))(keys))
     assert set(np.unique(nucleus)) == {0, 1}
-    full = np.asarray(jax.vmap(lambda k: decoding.sample(logits, k, decoding.Sampling(1.0)))(keys))
+    full = np.asarray(jax.vmap(lambda k: sample(logits, k, Sampling(1.0)))(keys))
     assert set(np.unique(full)) == {0, 1, 2, 3}
     assert abs((full == 0).mean() - 0.5) < 0.1
-    greedy = decoding.sample(logits, keys[0], decoding.Sampling())
+    greedy = sample(logits, keys[0], Sampling())
     assert int(greedy[0]) == 0
 
 

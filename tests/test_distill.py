@@ -1,15 +1,18 @@
 """The sharded train step: same numbers on every mesh, expected layouts, no recompilation."""
 
+import dataclasses
+
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
 from configs import llama as llama_configs
-from spellm_jax import sharding, trainer
-from spellm_jax.charset import SpellingTable
-from spellm_jax.models.char_heads import HeadsConfig
+from spellm_jax import runs, sharding, trainer
+from spellm_jax.models.char_decoders import HeadsConfig
+from spellm_jax.spelling import SpellingTable
 
 MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2)]
 
@@ -28,7 +31,7 @@ def tiny_config(**overrides):
 @pytest.fixture(scope="module")
 def tiny_teacher():
     config = tiny_config()
-    teacher = trainer.load_teacher(config)
+    teacher = runs.load_teacher(config)
     spelling = SpellingTable.from_tokenizer(teacher.tokenizer, 8, teacher.config.vocab_size)
     heads = HeadsConfig(k=8, num_symbols=spelling.num_symbols)
     return teacher, spelling, heads
@@ -54,13 +57,16 @@ def random_batches(config, count=2, seed=0):
              "loss_mask": rng.rand(*shape) > 0.1} for _ in range(count)]
 
 
-@pytest.mark.parametrize("trainable", ["full", "heads", "top_layers", "lora"])
-def test_train_step_is_the_same_on_every_mesh(tiny_teacher, trainable):
+@pytest.mark.parametrize(("trainable", "kind"), [
+    ("full", "independent"), ("heads", "independent"), ("top_layers", "independent"),
+    ("lora", "independent"), ("top_layers", "chain")])
+def test_train_step_is_the_same_on_every_mesh(tiny_teacher, trainable, kind):
     config = tiny_config(**{"train.trainable": trainable, "train.top_layers": 1,
                             "train.grad_accum": 1 if trainable != "lora" else 2})
-    batches = random_batches(config)
-    _, reference, reference_losses = run_steps(config, tiny_teacher, MESHES[0],
-                                                             batches)
+    teacher, spelling, heads = tiny_teacher
+    tiny_teacher = teacher, spelling, dataclasses.replace(heads, kind=kind, recurrent_width=16)
+    batches = random_batches(config, count=3 if kind == "chain" else 2)
+    _, reference, reference_losses = run_steps(config, tiny_teacher, MESHES[0], batches)
     assert reference_losses[1] < reference_losses[0] * 1.5  # a sane, finite step
     want = jax.tree.map(np.asarray, reference["params"])
     for mesh_shape in MESHES[1:]:
@@ -83,6 +89,9 @@ def test_parameters_carry_the_expected_partition_specs(tiny_teacher):
     assert layer["mlp"]["down_proj"]["kernel"].sharding.spec == PartitionSpec("tensor", "fsdp")
     assert params["model"]["embed_tokens"].sharding.spec == PartitionSpec("tensor", "fsdp")
     assert params["char_heads"]["kernel"].sharding.spec == PartitionSpec(None, "fsdp", None)
+    for moments in (optax.tree.get(setup.state["opt_state"], name) for name in ("mu", "nu")):
+        for moment, param in zip(jax.tree.leaves(moments), jax.tree.leaves(params), strict=True):
+            assert moment.sharding.spec == param.sharding.spec  # Adam's state sharded alike
     assert setup.batch_sharding.spec == PartitionSpec(("data", "fsdp"), None)
 
 

@@ -9,12 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spellm_jax import trainer
-from spellm_jax.charset import SpellingTable
+from spellm_jax import runs, trainer
 from spellm_jax.data import load_corpora
 from spellm_jax.data.last_word import last_word_items
-from spellm_jax.evaluation import Speller, matching_prefix
+from spellm_jax.evaluation import EvalSettings, evaluate, independence_ceiling, matching_prefix
+from spellm_jax.models.char_decoders import HeadsConfig
+from spellm_jax.models.llama import RuntimeOptions
+from spellm_jax.pretrained import build_model, build_spellm
+from spellm_jax.spelling import DeviceSpelling, Respeller, SpellingTable
 from spellm_jax.tokenizers import load_tokenizer
+from tests.oracles import TeacherOracle, with_decoder
 from tests.test_distill import tiny_config
 
 SHARES = ("free_agreement", "vocab_agreement", "ceiling_free_agreement", "ceiling_vocab_agreement",
@@ -26,14 +30,22 @@ def tokenizer():
     return load_tokenizer("smollm2")
 
 
-def test_evaluate_reports_every_metric_in_range(tmp_path):
-    trainer.run(tiny_config(**{"train.steps": 4, "train.eval_every": 100}), tmp_path / "run")
-    command = [sys.executable, "-m", "spellm_jax.evaluate", f"--workdir={tmp_path / 'run'}",
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("evaluate") / "run"
+    config = tiny_config(**{"train.steps": 4, "train.eval_every": 100})
+    trainer.run(config, workdir)
+    return config, workdir
+
+
+def test_evaluate_reports_every_metric_in_range(tiny_run):
+    _, workdir = tiny_run
+    command = [sys.executable, "-m", "spellm_jax.evaluate", f"--workdir={workdir}",
                "--prompts=4", "--new_tokens=8", "--real_text_rows=4", "--last_word_items=64",
                "--ceiling_ks=4,8"]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    out = tmp_path / "run" / "eval"
+    out = workdir / "eval"
     metrics = json.loads((out / "metrics.json").read_text())
     for name in ("real_text", "continuations"):
         group = metrics[name]
@@ -58,6 +70,25 @@ def test_evaluate_reports_every_metric_in_range(tmp_path):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_an_oracle_decoder_scores_perfectly(tiny_run):
+    """A decoder that spells the teacher's greedy token agrees with the teacher wherever the
+    table can spell that token as one token, and every symbol it writes is the target's."""
+    config, _ = tiny_run
+    teacher = runs.load_teacher(config)
+    spelling = SpellingTable.from_tokenizer(teacher.tokenizer, 16, teacher.config.vocab_size)
+    model = build_spellm(teacher, spelling, HeadsConfig(16, spelling.num_symbols), prior_tokens=0)
+    oracle, tokenizer = with_decoder(model, TeacherOracle(model)), teacher.tokenizer  # the teacher's backbone
+    teacher_model = build_model(teacher.config, RuntimeOptions(), teacher.params, teacher.source)
+    settings = EvalSettings(corpora=("shakespeare",), real_text_rows=4, prompts=4, new_tokens=8,
+                            last_word_items=32, ceiling_ks=(8,))
+    metrics = evaluate(oracle, teacher_model, Respeller(spelling, tokenizer), settings)
+    for name in ("real_text", "continuations"):
+        group = metrics[name]
+        assert group["exact_token_accuracy"] == 1.0 and group["head_accuracy"] == [1.0] * spelling.k
+        assert group["free_agreement"] == group["representable_share"] > 0.9, name
+        assert group["vocab_agreement"] <= group["free_agreement"] <= group["one_token_share"]
+
+
 def test_last_word_task_is_deterministic_held_out_and_large_enough(tokenizer):
     heldout = load_corpora(("shakespeare", "wiki"), "heldout")
     items = last_word_items(heldout, tokenizer, 500)
@@ -79,7 +110,7 @@ def test_ceiling_recovers_a_certain_teacher(tokenizer):
     tokens = np.random.default_rng(0).choice(fully_spelled, 64, replace=False)
     logits = np.zeros((64, spelling.vocab_size), np.float32)
     logits[np.arange(64), tokens] = 40.0
-    free, vocab = Speller.of(spelling).ceiling(jnp.asarray(logits))
+    free, vocab = independence_ceiling(jnp.asarray(logits), DeviceSpelling.of(spelling))
     np.testing.assert_array_equal(np.asarray(free), tokens)
     np.testing.assert_array_equal(np.asarray(vocab), tokens)
 

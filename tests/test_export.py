@@ -4,16 +4,16 @@ does, and the exported directory converts back to Orbax bit for bit."""
 import subprocess
 import sys
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from safetensors import safe_open
 
-from spellm_jax import decoding, trainer
+from spellm_jax import runs, trainer
 from spellm_jax.conversion import spellm_files
 from spellm_jax.conversion.sources import read_converted, read_source, write_converted
-from spellm_jax.export import export_spellm, fold_lora, split_spellm_params
+from spellm_jax.export import export_spellm, fold_lora, parity_with_torch, split_spellm_params
+from spellm_jax.models.char_decoders import fixed_tensors
+from spellm_jax.spelling import Respeller
 from spellm_jax.torch_spellm import TorchSpeLLM
 from tests.test_distill import tiny_config
 
@@ -22,6 +22,7 @@ VARIANTS = {  # trained briefly so that every tensor differs from its initial va
     "full": {},
     "lora_shared_adapter": {"train.trainable": "lora", "heads.adapter": "shared",
                             "train.learning_rate": 3e-2},
+    "chain": {"heads.kind": "chain", "train.learning_rate": 3e-2},
 }
 
 
@@ -30,7 +31,7 @@ def exported(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     config = tiny_config(**{"train.steps": 4, "train.eval_every": 100, **VARIANTS[request.param]})
     trainer.run(config, root / "run")
-    model, tokenizer, spelling = trainer.load_spellm(root / "run")
+    model, tokenizer, spelling = runs.load_spellm(root / "run")
     out = export_spellm(model, tokenizer, spelling, root / "exported", base_model=config.teacher)
     return model, tokenizer, spelling, out
 
@@ -50,25 +51,12 @@ def test_transformers_loads_the_backbone_with_exactly_its_keys(exported):
 
 def test_pytorch_module_matches_jax_logits_and_greedy_decoding(exported):
     model, tokenizer, spelling, out = exported
-    spellm = TorchSpeLLM.from_pretrained(out)
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
-    ids = prompts[1]
-    hidden, _ = model.model(jnp.asarray([ids]))
-    with torch.no_grad():
-        torch_hidden = spellm.lm.model(input_ids=torch.tensor([ids])).last_hidden_state
-        torch_lm = spellm.lm.lm_head(torch_hidden).numpy()
-        torch_chars = spellm.char_logits(torch_hidden).numpy()
-    assert np.abs(torch_lm - np.asarray(model.lm_logits(hidden))).max() <= 1e-5
-    jax_chars = np.asarray(model.char_logits(hidden))
-    unmasked = jax_chars > -1e8
-    np.testing.assert_array_equal(unmasked, torch_chars > -1e8)
-    assert np.abs(torch_chars - jax_chars)[unmasked].max() <= 1e-5
-    eos = list(model.config.eos_token_ids)
-    for mode, rule in (("free", decoding.FreeRule()), ("vocab", decoding.VocabRule()),
-                       ("lm_head", decoding.LMHeadRule())):
-        expected = decoding.generate(model, prompts, 32, rule, eos_ids=eos, spelling=spelling,
-                                     tokenizer=tokenizer)
-        assert spellm.generate(prompts, 32, mode=mode) == expected, mode
+    beams = (1, 4) if model.heads_config.kind == "chain" else (1,)
+    parity = parity_with_torch(model, Respeller(spelling, tokenizer),
+                               TorchSpeLLM.from_pretrained(out), prompts, 32, beams)
+    assert parity["lm_max_diff"] <= 1e-5 and parity["chars_max_diff"] <= 1e-5, parity
+    assert parity["same_masks"] and all(parity["identical"].values()), parity
 
 
 def test_exported_dir_converts_back_bit_for_bit(exported, tmp_path):
@@ -79,10 +67,10 @@ def test_exported_dir_converts_back_bit_for_bit(exported, tmp_path):
     assert converted.params.keys() == backbone.keys()
     for key, value in backbone.items():
         np.testing.assert_array_equal(converted.params[key], value, err_msg=key, strict=True)
-    assert converted.spellm.head_params.keys() == heads.keys()
+    assert converted.spellm.tensors.keys() == heads.keys() | fixed_tensors(model.char_heads).keys()
     for key, value in heads.items():
-        np.testing.assert_array_equal(converted.spellm.head_params[key], value, strict=True)
-    reloaded, _, _ = trainer.load_spellm(tmp_path / "converted")
+        np.testing.assert_array_equal(converted.spellm.tensors[key], value, strict=True)
+    reloaded, _, _ = runs.load_spellm(tmp_path / "converted")
     again_backbone, again_heads = split_spellm_params(reloaded)
     for ours, theirs in ((backbone, again_backbone), (heads, again_heads)):
         for key, value in ours.items():
@@ -119,9 +107,10 @@ def test_pytorch_module_imports_no_jax():
 
 
 def test_symbol_mask_is_exported_as_the_heads_use_it(exported):
-    model, _, _, out = exported
+    model, _, spelling, out = exported
     parts = spellm_files.read_spellm_parts(out)
     np.testing.assert_array_equal(parts.tensors[spellm_files.SYMBOL_MASK],
                                   np.asarray(model.char_heads.symbol_mask[...]))
-    assert parts.config["spelling_table_hash"] == parts.spelling.content_hash
+    assert parts.config["spelling_table_hash"] == spelling.content_hash  # the run's own table
     assert parts.config["k"] == model.heads_config.k
+    assert parts.config["heads"]["kind"] == model.heads_config.kind

@@ -1,10 +1,18 @@
-"""Symbol marginals by segment-sum, and their optimality among factorized distributions."""
+"""Symbol marginals by segment-sum, their optimality among factorized distributions, and the
+chunked distillation loss."""
+
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from spellm_jax.losses import spelled_log_probs, symbol_marginals
+from spellm_jax.losses import LossConfig, chunked_distillation_loss
+from spellm_jax.models.char_decoders import HeadsConfig
+from spellm_jax.models.char_decoders.independent import IndependentHeads
+from spellm_jax.models.llama import RuntimeOptions
+from spellm_jax.spelling import DeviceSpelling
 
 V, K, C = 40, 4, 7
 
@@ -13,10 +21,19 @@ def random_table(seed=0):
     return np.random.RandomState(seed).randint(0, C, size=(V, K)).astype(np.int32)
 
 
+def toy_spelling(table, valid=None, lengths=None) -> DeviceSpelling:
+    """The device arrays of a toy alphabet of C symbols (no real tokenizer has one)."""
+    valid = np.ones(V, bool) if valid is None else np.asarray(valid)
+    lengths = np.full(V, K) if lengths is None else np.asarray(lengths)
+    return DeviceSpelling.of(types.SimpleNamespace(
+        table=np.asarray(table), valid=valid, lengths=lengths, canonical=valid, k=K,
+        num_symbols=C, vocab_size=V))
+
+
 def test_marginals_equal_brute_force():
     table = random_table()
     probs = np.random.RandomState(1).dirichlet(np.ones(V), size=(2, 3)).astype(np.float32)
-    got = np.asarray(symbol_marginals(jnp.asarray(probs), jnp.asarray(table), C))
+    got = np.asarray(toy_spelling(table).symbol_marginals(jnp.asarray(probs)))
     want = np.zeros((2, 3, K, C))
     for b in range(2):
         for t in range(3):
@@ -28,7 +45,7 @@ def test_marginals_equal_brute_force():
 
 
 def kl_to_factorized(p, log_q, table):
-    log_factorized = np.asarray(spelled_log_probs(jnp.asarray(log_q), jnp.asarray(table)))
+    log_factorized = np.asarray(toy_spelling(table).token_scores(jnp.asarray(log_q)))
     return float(np.sum(p * (np.log(p) - log_factorized)))
 
 
@@ -38,7 +55,7 @@ def test_no_perturbed_factorized_distribution_beats_the_marginals():
     for trial in range(20):
         p = rng.dirichlet(np.full(V, 0.3 if trial % 2 else 3.0)).astype(np.float64) + 1e-12
         p /= p.sum()
-        q = np.asarray(symbol_marginals(jnp.asarray(p, jnp.float32), jnp.asarray(table), C),
+        q = np.asarray(toy_spelling(table).symbol_marginals(jnp.asarray(p, jnp.float32)),
                        np.float64)
         best = kl_to_factorized(p, np.log(q + 1e-30), table)
         for _ in range(10):
@@ -48,28 +65,28 @@ def test_no_perturbed_factorized_distribution_beats_the_marginals():
 
 
 def test_chunked_loss_equals_unchunked_loss_and_gradients():
-    from spellm_jax.losses import LossConfig, chunked_distillation_loss
-
     rng = np.random.RandomState(4)
     d, batch, length = 8, 2, 12
-    table = jnp.asarray(random_table(5))
-    lengths = jnp.asarray(rng.randint(1, 7, size=V))
-    valid = jnp.asarray(np.arange(V) < V - 3)
+    spelling = toy_spelling(random_table(5), valid=np.arange(V) < V - 3,
+                            lengths=rng.randint(1, 7, size=V))
     hidden = jnp.asarray(rng.normal(size=(batch, length, d)), jnp.float32)
     teacher_w = jnp.asarray(rng.normal(size=(d, V)), jnp.float32)
-    student_w = jnp.asarray(rng.normal(0, 0.3, size=(K, d, C)), jnp.float32)
+    heads = IndependentHeads(d, HeadsConfig(K, C, use_bias=False, init="normal"), RuntimeOptions(),
+                             nnx.Rngs(0))
+    heads.kernel[...] = jnp.asarray(rng.normal(0, 0.3, size=(K, d, C)), jnp.float32)
+    graphdef, params, rest = nnx.split(heads, nnx.Param, ...)
     mask = jnp.asarray(rng.rand(batch, length) > 0.2)
 
-    def loss(w, chunk):
+    def loss(params, chunk):
         config = LossConfig(soft_weight=0.7, hard_weight=0.3, temperature=2.0, chunk_size=chunk)
-        return chunked_distillation_loss(
-            hidden, hidden, lambda h: jnp.einsum("...d,kdc->...kc", h, w),
-            lambda h: h @ teacher_w, table, lengths, valid, mask, config)
+        return chunked_distillation_loss(hidden, hidden, nnx.merge(graphdef, params, rest),
+                                         lambda h: h @ teacher_w, spelling, mask, config)
 
-    (whole, whole_metrics), whole_grad = jax.value_and_grad(loss, has_aux=True)(student_w, length)
-    (chunked, chunk_metrics), chunk_grad = jax.value_and_grad(loss, has_aux=True)(student_w, 4)
+    (whole, whole_metrics), whole_grad = jax.value_and_grad(loss, has_aux=True)(params, length)
+    (chunked, chunk_metrics), chunk_grad = jax.value_and_grad(loss, has_aux=True)(params, 4)
     np.testing.assert_allclose(chunked, whole, rtol=1e-6)
-    np.testing.assert_allclose(chunk_grad, whole_grad, atol=1e-6)
+    for got, want in zip(jax.tree.leaves(chunk_grad), jax.tree.leaves(whole_grad), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-6)
     for name, value in whole_metrics.items():
         np.testing.assert_allclose(chunk_metrics[name], value, rtol=1e-5, atol=1e-6)
     assert float(whole_metrics["tokens"]) == float(mask.sum())

@@ -7,7 +7,7 @@ import torch
 from spellm_jax import load_pretrained
 from tests.hf_configs import TINY_CONFIGS, build
 
-TOLERANCE = 1e-4  # fp32 logits vs transformers (DESIGN.md §3)
+TOLERANCE = 1e-4  # fp32 logits vs transformers (README, Numerics)
 
 
 @pytest.fixture(scope="module", params=sorted(TINY_CONFIGS))

@@ -1,18 +1,25 @@
 """SpeLLM decoding on the real bundled SmolLM2: the loop, the on-device lookup and the fallback."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from spellm_jax import decoding
+from spellm_jax.data import evaluation_prompts
+from spellm_jax.evaluation import chain_ceiling
+from spellm_jax.metrics import continuation_rows, spelled_choices
 from spellm_jax.models.llama import fused_for_inference
-from spellm_jax.models.spellm import SpeLLM
 from spellm_jax.pretrained import spellm_from_pretrained
+from spellm_jax.spelling import Respeller
+from tests.oracles import FixedString, TeacherOracle, with_decoder
 
 PROMPTS = ["Once upon a time, there was a little", "The capital of France is",
            "def fibonacci(n):\n    "]
+# Untrained lm_head_mean heads on HELD_OUT_TEXT (86 positions) measured 30.2% vocabulary-
+# constrained and 22.1% free agreement with the teacher (chance: 0.002%); the floors leave room
+# for a few positions of numerical difference between machines, not for a broken init.
+CONSTRAINED_FLOOR, FREE_FLOOR = 0.25, 0.15
 HELD_OUT_TEXT = (
     "The river had risen overnight, and by morning the low fields along its banks were under "
     "water. Farmers moved their animals to higher ground while the town council met to decide "
@@ -22,69 +29,44 @@ HELD_OUT_TEXT = (
     "rush past the mill.")
 
 
-class TeacherOracle(SpeLLM):
-    """Heads that output exactly the one-hot spelling of the teacher's greedy token."""
-
-    def char_logits(self, hidden):
-        rows = self.spelling_table[...][jnp.argmax(self.lm_logits(hidden), axis=-1)]
-        return 50.0 * jax.nn.one_hot(rows, self.heads_config.num_symbols)
-
-
-class FixedString(SpeLLM):
-    """Heads that always spell the same symbol row (set as `fixed_row`)."""
-
-    def char_logits(self, hidden):
-        row = jnp.asarray(self.fixed_row)
-        logits = 50.0 * jax.nn.one_hot(row, self.heads_config.num_symbols)
-        return jnp.broadcast_to(logits, (*hidden.shape[:-1], *logits.shape))
-
-
 @pytest.fixture(scope="module")
 def smollm2_spellm():
     return spellm_from_pretrained("smollm2", k=16)
 
 
-def as_class(model, cls, **attributes):
-    """The same parameters and constants behind another output rule of the heads."""
-    graphdef, state = nnx.split(model)
-    other = nnx.merge(graphdef, state)
-    other.__class__ = cls
-    for name, value in attributes.items():
-        setattr(other, name, value)
-    return other
-
-
 def test_oracle_heads_reproduce_teacher_greedy_generation(smollm2_spellm):
     model, tokenizer, spelling = smollm2_spellm
-    oracle = as_class(model, TeacherOracle)
+    assert model.lm_head is None  # tied: the oracle's embedding is the LM head
+    oracle = with_decoder(model, TeacherOracle(model))
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
-    kwargs = dict(spelling=spelling, tokenizer=tokenizer)  # no EOS: all 32 tokens compared
-    teacher = decoding.generate(oracle, prompts, 32, decoding.LMHeadRule(), **kwargs)
+    respeller = Respeller(spelling, tokenizer)  # no EOS: all 32 tokens compared
+    teacher = decoding.generate(oracle, prompts, 32, decoding.LMHeadRule()).tokens
     assert all(len(t) == 32 for t in teacher)
-    for rule in (decoding.FreeRule(), decoding.VocabRule()):
-        assert decoding.generate(oracle, prompts, 32, rule, **kwargs) == teacher, type(rule).__name__
+    for rule in (decoding.FreeRule(respeller=respeller), decoding.VocabRule()):
+        generation = decoding.generate(oracle, prompts, 32, rule)
+        assert generation.tokens == teacher and generation.host_round_trips == 0, rule
 
 
 def test_out_of_vocabulary_strings_fall_back_to_the_tokenizer(smollm2_spellm):
     model, tokenizer, spelling = smollm2_spellm
     text = " the cat"
     expected = tokenizer(text)["input_ids"]
-    assert len(expected) == 2 and spelling.ids_for_bytes(text.encode()) == expected
+    respeller = Respeller(spelling, tokenizer)
+    assert len(expected) == 2 and respeller.ids_for_bytes(text.encode()) == expected
     row = np.full(spelling.k, spelling.pad_symbol)
     row[:len(text)] = list(text.encode())
-    fixed = as_class(model, FixedString, fixed_row=tuple(row.tolist()))
+    fixed = with_decoder(model, FixedString(model.heads_config, row))
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS[:2]]
-    got = decoding.generate(fixed, prompts, 7, decoding.FreeRule(), spelling=spelling,
-                            tokenizer=tokenizer)
-    assert got == [(expected * 4)[:7]] * 2
+    got = decoding.generate(fixed, prompts, 7, decoding.FreeRule(respeller=respeller))
+    assert got.tokens == [(expected * 4)[:7]] * 2 and got.host_round_trips == 4
     # Bytes followed by a special symbol: the bytes' tokens, then the special token, then stop.
     eos = model.config.eos_token_ids[0]
     row = np.full(spelling.k, spelling.pad_symbol)
     row[:3] = [*b"ok", spelling.special_symbol(eos)]
-    fixed = as_class(model, FixedString, fixed_row=tuple(row.tolist()))
-    got = decoding.generate(fixed, prompts, 7, decoding.FreeRule(), eos_ids=[eos],
-                            spelling=spelling, tokenizer=tokenizer)
-    assert got == [[*tokenizer("ok")["input_ids"], eos]] * 2
+    fixed = with_decoder(model, FixedString(model.heads_config, row))
+    got = decoding.generate(fixed, prompts, 7, decoding.FreeRule(respeller=respeller),
+                            eos_ids=[eos])
+    assert got.tokens == [[*tokenizer("ok")["input_ids"], eos]] * 2
 
 
 def test_lm_head_mean_heads_agree_with_teacher_far_above_chance(smollm2_spellm):
@@ -93,27 +75,24 @@ def test_lm_head_mean_heads_agree_with_teacher_far_above_chance(smollm2_spellm):
 
     @nnx.jit
     def agreement(model, ids):
-        hidden, _ = model.model(ids)
+        hidden = model.model(ids)[0][0]
         teacher = jnp.argmax(model.lm_logits(hidden), axis=-1)
-        char_logits = model.char_logits(hidden)
-        constrained = jnp.argmax(model.vocab_log_scores(char_logits), axis=-1)
-        free = model.lookup_tokens(jnp.argmax(char_logits, axis=-1))
-        return (constrained == teacher).mean(), (free == teacher).mean()
+        choices = spelled_choices(model, hidden)
+        return (choices["vocab"] == teacher).mean(), (choices["free"] == teacher).mean()
 
     constrained, free = (float(x) for x in agreement(model, ids))
-    chance = 1 / model.config.vocab_size
     print(f"untrained lm_head_mean heads: vocab-constrained agreement {constrained:.1%}, "
-          f"free {free:.1%} over {ids.shape[1]} positions (chance {chance:.4%})")
-    assert constrained > 100 * chance
+          f"free {free:.1%} over {ids.shape[1]} positions")
+    assert constrained >= CONSTRAINED_FLOOR and free >= FREE_FLOOR
 
 
 def test_batched_spellm_decoding_equals_single_rows(smollm2_spellm):
     model, tokenizer, spelling = smollm2_spellm
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS[:2]]
-    kwargs = dict(spelling=spelling, tokenizer=tokenizer)
-    for rule in (decoding.FreeRule(), decoding.VocabRule()):
-        together = decoding.generate(model, prompts, 8, rule, **kwargs)
-        alone = [decoding.generate(model, [p], 8, rule, **kwargs)[0] for p in prompts]
+    respeller = Respeller(spelling, tokenizer)
+    for rule in (decoding.FreeRule(respeller=respeller), decoding.VocabRule()):
+        together = decoding.generate(model, prompts, 8, rule).tokens
+        alone = [decoding.generate(model, [p], 8, rule).tokens[0] for p in prompts]
         assert together == alone
 
 
@@ -123,15 +102,39 @@ def test_fused_projections_decode_smollm2_alike(smollm2_spellm):
     ids = jnp.asarray([tokenizer(HELD_OUT_TEXT)["input_ids"][:48]])
     assert np.abs(np.asarray(fused.model(ids)[0]) - np.asarray(model.model(ids)[0])).max() <= 1e-4
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS[:2]]
-    kwargs = dict(spelling=spelling, tokenizer=tokenizer)
-    for rule in (decoding.LMHeadRule(), decoding.FreeRule(), decoding.VocabRule()):
-        assert (decoding.generate(fused, prompts, 16, rule, **kwargs)
-                == decoding.generate(model, prompts, 16, rule, **kwargs))
+    for mode in decoding.MODES:
+        rule = decoding.rule_for(mode, respeller=Respeller(spelling, tokenizer))
+        assert (decoding.generate(fused, prompts, 16, rule).tokens
+                == decoding.generate(model, prompts, 16, rule).tokens), mode
 
 
 def test_unspellable_bytes_are_dropped_not_fatal(smollm2_spellm):
     _, tokenizer, spelling = smollm2_spellm
+    respeller = Respeller(spelling, tokenizer)
     with pytest.raises(ValueError, match="0x04"):
-        spelling.ids_for_bytes(b"a\x04b", tokenizer)
-    ids = spelling.ids_for_bytes_lossy(b"a\x04b", tokenizer)
+        respeller.ids_for_bytes(b"a\x04b")
+    ids = respeller.ids_for_bytes_lossy(b"a\x04b")
     assert b"".join(spelling.spellings[i] for i in ids) == b"ab"
+
+
+def test_chain_ceiling_follows_the_teacher(smollm2_spellm):
+    """A chain decoder holding the teacher's exact conditionals, searched with a trie-constrained
+    beam of 4, agrees with the teacher's argmax on (nearly) every position of its own greedy
+    continuations: the chain-rule decoder can represent the teacher's choices. The set is
+    `evaluate`'s (32 held-out prompts, 32 greedy tokens each), where the misses are flat
+    distributions whose argmax prefix falls out of the beam (measured: 98.8%)."""
+    model, tokenizer, _ = smollm2_spellm
+    prompts = evaluation_prompts(("shakespeare", "wiki"), tokenizer, 32, 24)
+    continuations = decoding.generate(model, prompts, 32).tokens
+    rows, mask = continuation_rows(prompts, continuations, pad_id=0)
+
+    @nnx.jit
+    def agreement(model, row):
+        logits = model.lm_logits(model.model(row[None])[0][0])
+        chosen = chain_ceiling(logits, model.spelling, beam=4, constrained=True)
+        return chosen == jnp.argmax(logits, axis=-1)
+
+    agree = np.stack([np.asarray(agreement(model, jnp.asarray(row))) for row in rows])
+    share = agree[mask.astype(bool)].mean()
+    print(f"chain ceiling, trie-constrained beam 4: {share:.1%} of {int(mask.sum())} positions")
+    assert share >= 0.98

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import llama as llama_configs
-from spellm_jax import sharding, trainer
+from spellm_jax import runs, sharding, trainer
 from spellm_jax.checkpointing import TrainCheckpoints
 from spellm_jax.errors import ConfigError
 from tests.test_distill import tiny_config
@@ -42,6 +42,8 @@ def test_bad_configs_fail_before_any_compute():
     with pytest.raises(ConfigError, match="scan_layers=False"):
         trainer.validate(tiny_config(**{"train.trainable": "top_layers",
                                         "model.scan_layers": True}), 1)
+    with pytest.raises(ConfigError, match="fresh_lr_scale"):
+        trainer.validate(tiny_config(**{"train.fresh_lr_scale": 0.0}), 1)
     command = [sys.executable, "-m", "spellm_jax.train", "--config=configs/llama.py:tiny",
                "--workdir=/nonexistent/never"]
     unknown = subprocess.run([*command, "--config.train.stepz=3"], capture_output=True, text=True)
@@ -52,44 +54,52 @@ def test_bad_configs_fail_before_any_compute():
     assert not os.path.exists("/nonexistent/never")
 
 
-def test_resumed_run_equals_uninterrupted_run_bitwise(tmp_path):
-    config = tiny_config(**{"train.steps": 6, "train.log_every": 1, "train.eval_every": 100})
-    whole = trainer.run(config, tmp_path / "whole")
-    trainer.run(config, tmp_path / "resumed", stop_after=3)
-    resumed = trainer.run(config, tmp_path / "resumed")
-    assert whole["step"] == resumed["step"] == 6
-    losses_whole, losses_resumed = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "resumed")
-    assert [losses_whole[(s, "loss")] for s in range(1, 7)] == [
-        losses_resumed[(s, "loss")] for s in range(1, 7)]
-    assert losses_whole[(6, "loss")] < losses_whole[(1, "loss")]  # the tiny preset learns
+def test_runs_resume_bitwise_and_start_from_another_runs_params(tmp_path):
+    """An independent run learns; a chain run started from its parameters (`init_from`), killed
+    after 2 steps and resumed, equals the uninterrupted chain run bit for bit."""
+    independent = tiny_config(**{"train.steps": 4, "train.log_every": 1, "train.eval_every": 100})
+    trainer.run(independent, tmp_path / "independent")
+    first = read_metrics(tmp_path / "independent")
+    assert first[(4, "loss")] < first[(1, "loss")]  # the tiny preset learns
+    chain = tiny_config(**{"heads.kind": "chain", "train.steps": 4, "train.log_every": 1,
+                           "train.eval_every": 100, "init_from": str(tmp_path / "independent")})
+    trainer.run(chain, tmp_path / "whole")
+    trainer.run(chain, tmp_path / "resumed", stop_after=2)
+    assert trainer.run(chain, tmp_path / "resumed")["step"] == 4
+    whole, resumed = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "resumed")
+    assert [whole[(s, "loss")] for s in range(1, 5)] == [resumed[(s, "loss")] for s in range(1, 5)]
 
-    def params(workdir):
+    def state(workdir):
         checkpoints = TrainCheckpoints(workdir, keep=3, save_every=1)
-        flat = checkpoints.manager.restore(6)["state"]
+        flat = checkpoints.manager.restore(4)["state"]
         checkpoints.close()
         return {k: np.asarray(v) for k, v in flat.items()}
 
-    a, b = params(tmp_path / "whole"), params(tmp_path / "resumed")
-    assert a.keys() == b.keys()
+    a, b = state(tmp_path / "whole"), state(tmp_path / "resumed")
+    assert a.keys() == b.keys() and any("readout" in key for key in a)
     for key in a:
         assert np.array_equal(a[key], b[key]), key
 
-    # Params-only initialisation from another run: the first batch scores as a trained model.
-    warm = tiny_config(**{"train.steps": 1, "train.log_every": 1, "train.eval_every": 100,
-                          "init_from": str(tmp_path / "whole")})
-    trainer.run(warm, tmp_path / "warm")
-    assert read_metrics(tmp_path / "warm")[(1, "loss")] < losses_whole[(2, "loss")]
+    # Started from the independent run's parameters: the first update has learning rate 0
+    # (warmup), so checkpoint 1 holds its heads; the run then trains on from there.
+    kernels = {}
+    for name, step in (("independent", 4), ("whole", 4), ("whole", 1)):
+        model, _, _ = runs.load_spellm(tmp_path / name / "checkpoints" / str(step))
+        kernels[name, step] = np.asarray(model.char_heads.kernel[...])
+    assert model.heads_config.kind == "chain" and model.char_heads.readout[...].shape[0] == 16
+    np.testing.assert_array_equal(kernels["whole", 1], kernels["independent", 4])
+    assert not np.array_equal(kernels["whole", 4], kernels["independent", 4])
 
 
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
     config = tiny_config(**{"train.steps": 2, "mesh.shape": (8, 1, 1), "train.eval_every": 100})
     trainer.run(config, tmp_path)
-    teacher = trainer.load_teacher(config)
-    from spellm_jax.charset import SpellingTable
-    from spellm_jax.models.char_heads import HeadsConfig
+    teacher = runs.load_teacher(config)
+    from spellm_jax.models.char_decoders import HeadsConfig
+    from spellm_jax.spelling import SPELLING_FILE, SpellingTable
 
-    spelling = SpellingTable.load(tmp_path / trainer.SPELLING_FILE)
-    metadata = json.loads((tmp_path / trainer.METADATA_FILE).read_text())
+    spelling = SpellingTable.load(tmp_path / SPELLING_FILE)
+    metadata = json.loads((tmp_path / runs.METADATA_FILE).read_text())
     heads = HeadsConfig(**metadata["heads_config"])
     restored = {}
     for shape in [(8, 1, 1), (2, 2, 2)]:
@@ -121,7 +131,7 @@ def test_sigterm_mid_run_leaves_a_restorable_checkpoint(tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
     assert "stopped by SIGTERM" in stderr
-    model, _, spelling = trainer.load_spellm(tmp_path)
+    model, _, spelling = runs.load_spellm(tmp_path)
     latest = TrainCheckpoints(tmp_path, keep=3, save_every=1).latest_step()
     assert latest >= 3
     assert model.char_heads.kernel[...].shape[0] == spelling.k
@@ -133,8 +143,8 @@ def test_run_files_work_on_a_gs_workdir(monkeypatch):
     from etils import epath
     from fsspec.implementations.memory import MemoryFileSystem
 
-    from spellm_jax.charset import SpellingTable
-    from spellm_jax.checkpointing import as_path
+    from spellm_jax.paths import as_path
+    from spellm_jax.spelling import SPELLING_FILE, SpellingTable
 
     if importlib.util.find_spec("gcsfs") is None:  # as on this CPU machine: a clear refusal
         with pytest.raises(FileNotFoundError, match="pip install gcsfs"):
@@ -145,9 +155,9 @@ def test_run_files_work_on_a_gs_workdir(monkeypatch):
     workdir.mkdir(parents=True, exist_ok=True)
     spelling = SpellingTable(kind="byte_level", k=4, vocab_size=3, spellings=(b"a", b"bc", b""),
                              special_ids=(2,))
-    spelling.save(workdir / trainer.SPELLING_FILE)
-    spelling.save(workdir / trainer.SPELLING_FILE)  # the same table again: kept as it is
-    assert SpellingTable.load(workdir / trainer.SPELLING_FILE).content_hash == spelling.content_hash
+    spelling.save(workdir / SPELLING_FILE)
+    spelling.save(workdir / SPELLING_FILE)  # the same table again: kept as it is
+    assert SpellingTable.load(workdir / SPELLING_FILE).content_hash == spelling.content_hash
     metadata = {"teacher_source": "t", "spelling_table_hash": "h", "trainable": "full",
                 "heads_config": {}}
     trainer._check_or_write_metadata(workdir, metadata)
@@ -158,8 +168,8 @@ def test_run_files_work_on_a_gs_workdir(monkeypatch):
         writer.write(step, {"loss": float(step)})
         writer.close()
     assert read_metrics(workdir) == {(1, "loss"): 1.0, (2, "loss"): 2.0}
-    assert {p.name for p in workdir.iterdir()} == {trainer.METADATA_FILE, "metrics.jsonl",
-                                                   trainer.SPELLING_FILE}
+    assert {p.name for p in workdir.iterdir()} == {runs.METADATA_FILE, "metrics.jsonl",
+                                                   SPELLING_FILE}
 
 
 class FakeSummaryWriter:

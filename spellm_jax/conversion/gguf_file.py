@@ -1,8 +1,13 @@
-"""Reads llama.cpp GGUF files: dequantized tensors under transformers names, config and tokenizer."""
+"""Reads llama.cpp GGUF files: dequantized tensors under transformers names, config and tokenizer
+(the last two kept beside the file once read)."""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,9 @@ _DERIVED_TENSORS = {"rope_freqs.weight"}
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
+
+
 def hf_name(gguf_name: str) -> str:
     """transformers state-dict name of a llama.cpp tensor name."""
     match = _BLOCK.match(gguf_name)
@@ -56,9 +64,54 @@ def read_gguf_config(path: Path) -> dict[str, Any]:
     """The transformers config dict that transformers derives from the GGUF metadata."""
     from transformers import AutoConfig
 
+    with path.open("rb") as file:
+        magic = file.read(4)
+    if magic != GGUF_MAGIC:
+        raise ConversionError(f"{path} is not a GGUF file (it starts with {magic!r}, not "
+                              f"{GGUF_MAGIC!r}); pass a llama.cpp .gguf file, or a Hugging Face "
+                              "model directory for other weights.")
+    kept = _readings_of(path) / "config"
+    if (kept / "config.json").exists():
+        return json.loads((kept / "config.json").read_text())
     config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
     config.pop("quantization_config", None)
-    return config
+    text = json.dumps(config)
+    _keep(kept, lambda directory: (directory / "config.json").write_text(text))
+    return json.loads(text)  # as it reads back
+
+
+def read_gguf_tokenizer(path: Path) -> Any:
+    """The transformers tokenizer of a GGUF file."""
+    from transformers import AutoTokenizer
+
+    kept = _readings_of(path) / "tokenizer"
+    if (kept / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(str(kept))
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    _keep(kept, tokenizer.save_pretrained)
+    return tokenizer
+
+
+def _readings_of(path: Path) -> Path:
+    """Where transformers' readings of a GGUF file (its config and tokenizer: 15 s of Python
+    parsing each for SmolLM2) are kept, beside it, for the file's current size and mtime."""
+    stat = path.stat()
+    return path.parent / f".{path.name}.transformers" / f"{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def _keep(target: Path, write: Callable[[Path], Any]) -> None:
+    """Makes the directory `target` through `write(staging directory)` and a rename; where the
+    GGUF's directory is read-only, nothing is kept (the reading is simply repeated next time)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+    except OSError:
+        return
+    try:
+        write(staging)
+        staging.rename(target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def read_gguf_tensors(path: Path, hf_config: dict[str, Any], show_progress: bool = False

@@ -1,19 +1,25 @@
 """The one table between transformers state-dict names and ours, used in both directions.
 
-Our layout mirrors transformers' module tree, so the table is renames plus a transpose for every
-linear kernel (`[in, out]` here, `[out, in]` in PyTorch). Both directions check every name and
-shape and fail loudly on anything missing or left over.
+Our layout mirrors transformers' module tree, so the table is derived from our parameters:
+renames plus a transpose for every linear kernel (`[in, out]` here, `[out, in]` in PyTorch). Both
+directions check every name and shape and fail loudly on anything missing or left over.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 
 import numpy as np
 
 from spellm_jax.models.config import ModelConfig
-from spellm_jax.models.params import ParamMismatchError, check_params
+from spellm_jax.models.params import (
+    ParamMismatchError,
+    check_params,
+    mismatch_report,
+    param_shapes,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,59 +32,34 @@ class Rule:
 
 
 TIED_LM_HEAD = "lm_head.weight"  # present in a tied model's state_dict(), absent from its files
+_EMBEDDING = Rule("model/embed_tokens", "model.embed_tokens.weight", False)
 
-# (our suffix, HF suffix, transpose) inside `model/layers/{i}/` and `model.layers.{i}.`.
-_LAYER_TABLE = (
-    ("input_layernorm/weight", "input_layernorm.weight", False),
-    ("post_attention_layernorm/weight", "post_attention_layernorm.weight", False),
-    ("self_attn/q_proj/kernel", "self_attn.q_proj.weight", True),
-    ("self_attn/k_proj/kernel", "self_attn.k_proj.weight", True),
-    ("self_attn/v_proj/kernel", "self_attn.v_proj.weight", True),
-    ("self_attn/o_proj/kernel", "self_attn.o_proj.weight", True),
-    ("mlp/gate_proj/kernel", "mlp.gate_proj.weight", True),
-    ("mlp/up_proj/kernel", "mlp.up_proj.weight", True),
-    ("mlp/down_proj/kernel", "mlp.down_proj.weight", True),
-)
-_QKV_BIAS = tuple((f"self_attn/{p}/bias", f"self_attn.{p}.bias", False)
-                  for p in ("q_proj", "k_proj", "v_proj"))
-_O_BIAS = (("self_attn/o_proj/bias", "self_attn.o_proj.bias", False),)
-_MLP_BIAS = tuple((f"mlp/{p}/bias", f"mlp.{p}.bias", False)
-                  for p in ("gate_proj", "up_proj", "down_proj"))
+
+def _rule(ours: str) -> Rule:
+    """transformers' name for one of our parameters: `/` becomes `.`, and a linear `kernel`
+    (`[in, out]` here) is the transposed `weight`."""
+    if ours == _EMBEDDING.ours:
+        return _EMBEDDING
+    if ours.endswith("/kernel"):
+        return Rule(ours, ours.removesuffix("/kernel").replace("/", ".") + ".weight", True)
+    return Rule(ours, ours.replace("/", "."), False)
+
+
+@functools.cache
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Our flat key -> shape of every parameter of a model with this config (from the module
+    tree itself, built abstractly: no memory is allocated)."""
+    from flax import nnx
+
+    from spellm_jax.models.llama import LlamaForCausalLM
+
+    model = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
+    return {key: tuple(shape) for key, shape in param_shapes(model).items()}
 
 
 def conversion_rules(config: ModelConfig) -> list[Rule]:
     """Every tensor of a model with this config, in canonical (one entry per layer) layout."""
-    layer_table = list(_LAYER_TABLE)
-    layer_table += list(_QKV_BIAS) * config.qkv_bias + list(_O_BIAS) * config.o_bias
-    layer_table += list(_MLP_BIAS) * config.mlp_bias
-    rules = [Rule("model/embed_tokens", "model.embed_tokens.weight", False),
-             Rule("model/norm/weight", "model.norm.weight", False)]
-    for i in range(config.num_layers):
-        rules += [Rule(f"model/layers/{i}/{ours}", f"model.layers.{i}.{hf}", transpose)
-                  for ours, hf, transpose in layer_table]
-    if not config.tie_word_embeddings:
-        rules.append(Rule("lm_head/kernel", "lm_head.weight", True))
-    return rules
-
-
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Our flat key -> shape for this config, derived from the config alone."""
-    d, f, v, hd = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
-    q, kv = config.num_heads * hd, config.num_kv_heads * hd
-    layer = {
-        "input_layernorm/weight": (d,), "post_attention_layernorm/weight": (d,),
-        "self_attn/q_proj/kernel": (d, q), "self_attn/k_proj/kernel": (d, kv),
-        "self_attn/v_proj/kernel": (d, kv), "self_attn/o_proj/kernel": (q, d),
-        "mlp/gate_proj/kernel": (d, f), "mlp/up_proj/kernel": (d, f),
-        "mlp/down_proj/kernel": (f, d),
-        "self_attn/q_proj/bias": (q,), "self_attn/k_proj/bias": (kv,),
-        "self_attn/v_proj/bias": (kv,), "self_attn/o_proj/bias": (d,),
-        "mlp/gate_proj/bias": (f,), "mlp/up_proj/bias": (f,), "mlp/down_proj/bias": (d,),
-    }
-    shapes = {"model/embed_tokens": (v, d), "model/norm/weight": (d,), "lm_head/kernel": (d, v)}
-    for i in range(config.num_layers):
-        shapes.update({f"model/layers/{i}/{k}": s for k, s in layer.items()})
-    return {rule.ours: shapes[rule.ours] for rule in conversion_rules(config)}
+    return [_rule(key) for key in expected_shapes(config)]
 
 
 def _check_hf_names(config: ModelConfig, hf_state: Mapping, source: str) -> None:
@@ -89,12 +70,9 @@ def _check_hf_names(config: ModelConfig, hf_state: Mapping, source: str) -> None
     missing = sorted(names - set(hf_state))
     unused = sorted(set(hf_state) - names - ignorable)
     if missing or unused:
-        parts = [f"weights in {source} do not match a {config.model_type} model of this config:"]
-        if missing:
-            parts.append(f"  missing: {', '.join(missing[:8])}" + (" …" if len(missing) > 8 else ""))
-        if unused:
-            parts.append(f"  unused: {', '.join(unused[:8])}" + (" …" if len(unused) > 8 else ""))
-        raise ParamMismatchError("\n".join(parts))
+        raise ParamMismatchError(mismatch_report(
+            f"weights in {source} do not match a {config.model_type} model of this config:",
+            {"missing": missing, "unused": unused}))
 
 
 def from_hf(config: ModelConfig, hf_state: Mapping[str, np.ndarray], source: str = "the checkpoint"

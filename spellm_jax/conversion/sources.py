@@ -71,14 +71,11 @@ def _read_hf(path: Path, source: str) -> Pretrained:
 
 
 def _read_gguf(path: Path, source: str) -> Pretrained:
-    from transformers import AutoTokenizer
-
     hf_config = gguf_file.read_gguf_config(path)
     config = ModelConfig.from_hf(hf_config)
     tensors = gguf_file.read_gguf_tensors(path, hf_config, show_progress=True)
     params = mapping.from_hf(config, tensors, source=str(path))
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return Pretrained(config, params, tokenizer, source)
+    return Pretrained(config, params, gguf_file.read_gguf_tokenizer(path), source)
 
 
 def _download_hub(name: str) -> Path:

@@ -16,28 +16,24 @@ from typing import Any
 
 import numpy as np
 
-from spellm_jax.charset import SpellingTable
+from spellm_jax.spelling.table import SPELLING_FILE, SpellingTable
 
 HEADS_FILE = "spellm_heads.safetensors"
 HEADS_ORBAX_DIR = "spellm_heads"
 CONFIG_FILE = "spellm_config.json"
-SPELLING_FILE = "spelling_table.json"
-SYMBOL_MASK = "symbol_mask"
+SYMBOL_MASK = "symbol_mask"  # the independent heads' fixed mask of impossible symbols
 FORMAT_VERSION = 1
 
 
 @dataclasses.dataclass
 class SpellmParts:
-    """What a SpeLLM adds to its backbone: head tensors (flat keys relative to the heads module,
-    e.g. `kernel`, `adapter/up/kernel`, plus `symbol_mask`), their description and the table."""
+    """What a SpeLLM adds to its backbone: the decoder's tensors (flat keys relative to the
+    decoder module: its parameters, e.g. `kernel`, `adapter/up/kernel`, and the tensors the
+    spelling table fixes, e.g. `symbol_mask`), their description and the table."""
 
     tensors: dict[str, Any]
     config: dict[str, Any]
     spelling: SpellingTable
-
-    @property
-    def head_params(self) -> dict[str, Any]:
-        return {k: v for k, v in self.tensors.items() if k != SYMBOL_MASK}
 
 
 def has_spellm_parts(path: Path) -> bool:

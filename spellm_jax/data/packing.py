@@ -7,6 +7,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from spellm_jax import tokenizers
+
 
 class Packed(NamedTuple):
     """`tokens [N, seq_len]` int32 and `loss_mask [N, seq_len]` bool (False only on padding)."""
@@ -51,11 +53,10 @@ def pack_documents(texts: Sequence[str], tokenizer: Any, seq_len: int, eos_id: i
                    pad_id: int | None = None) -> Packed:
     """Tokenizes `texts` and packs them with the EOS id between documents (see `pack_ids`).
 
-    `eos_id` and `pad_id` default to the tokenizer's EOS and PAD (else EOS) ids.
+    `eos_id` and `pad_id` default to the tokenizer's EOS and padding (`tokenizers.pad_id`) ids.
     """
     eos_id = tokenizer.eos_token_id if eos_id is None else eos_id
     if eos_id is None:
         raise ValueError("the tokenizer has no EOS token; pass eos_id to separate documents.")
-    if pad_id is None:
-        pad_id = eos_id if getattr(tokenizer, "pad_token_id", None) is None else tokenizer.pad_token_id
+    pad_id = tokenizers.pad_id(tokenizer) if pad_id is None else pad_id
     return pack_ids(tokenize_documents(texts, tokenizer), seq_len, eos_id, pad_id)

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from spellm_jax import tokenizers
 from spellm_jax.data import corpora
 from spellm_jax.data.packing import pack_documents, pack_ids
-from spellm_jax.data.self_generated import SelfGeneratedSpec, evaluation_prompts, load_self_generated
+from spellm_jax.data.self_generated import (
+    Sampler,
+    SelfGeneratedSpec,
+    evaluation_prompts,
+    load_self_generated,
+)
 
 SOURCES = ("self_generated", "corpus", "mixed")
 
@@ -34,27 +41,22 @@ def self_generated_spec(config: Any, teacher_source: str) -> SelfGeneratedSpec:
         batch_size=data.generation_batch, seed=config.seed)
 
 
-def training_data(config: Any, teacher: Any) -> TrainingData:
+def training_data(config: Any, tokenizer: Any, teacher_source: str,
+                  sampler: Callable[[], Sampler]) -> TrainingData:
     """Rows of `config.train.seq_len` from `config.data.source`: the teacher's generations
-    (`self_generated`, cached and resumable), the corpora's train split (`corpus`), or both
-    (`mixed`). `teacher` is a `Pretrained`; its model is built only if generations are missing."""
-    source, tokenizer = config.data.source, teacher.tokenizer
+    (`self_generated`, cached and resumable; `sampler()` is called only if some are missing),
+    the corpora's train split (`corpus`), or both (`mixed`)."""
+    source = config.data.source
     if source not in SOURCES:
         raise ValueError(f"config.data.source={source!r}; choose one of {', '.join(SOURCES)}.")
-    seq_len, eos_id = config.train.seq_len, tokenizer.eos_token_id
-    pad_id = eos_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    seq_len, eos_id, pad_id = config.train.seq_len, tokenizer.eos_token_id, tokenizers.pad_id(tokenizer)
     parts = []
     if source in ("corpus", "mixed"):
         documents = corpora.load_corpora(config.data.corpora, "train")
         parts.append(pack_documents(list(documents.values()), tokenizer, seq_len, eos_id, pad_id))
     if source in ("self_generated", "mixed"):
-        def teacher_model() -> tuple[Any, Any]:
-            from spellm_jax.models.llama import RuntimeOptions
-            from spellm_jax.pretrained import build_model
-
-            return build_model(teacher.config, RuntimeOptions(), teacher.params, teacher.source), tokenizer
-
-        samples = load_self_generated(self_generated_spec(config, teacher.source), teacher_model)
+        spec = self_generated_spec(config, teacher_source)
+        samples = load_self_generated(spec, tokenizer, sampler)
         parts.append(pack_ids([sample.ids for sample in samples], seq_len, eos_id, pad_id))
     prompts = evaluation_prompts(config.data.corpora, tokenizer, config.data.eval_prompts,
                                  config.data.prompt_tokens, config.seed)

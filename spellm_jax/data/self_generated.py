@@ -28,12 +28,14 @@ import tqdm
 
 from spellm_jax import assets
 from spellm_jax.data import corpora, tfds_io
+from spellm_jax.sampling import Sampling
 
 FORMAT_VERSION = 1  # bump when the sampling procedure or the shard layout changes
 _WORD_START = re.compile(r"\s\S")
 _CHARS_PER_TOKEN_BOUND = 16  # a text window this many chars per wanted token holds enough tokens
 
-Teacher = tuple[Any, Any]  # (model, tokenizer), as from `pretrained.load_pretrained`
+# The teacher's continuations of a batch of prompts (token ids), sampled with a seed.
+Sampler = Callable[[list[list[int]], int], list[list[int]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +70,12 @@ class SelfGeneratedSpec:
             raise ValueError(f"prompt_tokens={self.prompt_tokens}: need 1 <= min <= max.")
         if min(self.num_samples, self.new_tokens, self.batch_size) < 1:
             raise ValueError("num_samples, new_tokens and batch_size must all be at least 1.")
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"invalid sampling settings: temperature={self.temperature}, "
-                             f"top_k={self.top_k}, top_p={self.top_p}.")
+        self.sampling  # noqa: B018 (validates the sampling settings)
+
+    @property
+    def sampling(self) -> Sampling:
+        """How the teacher samples its continuations."""
+        return Sampling(self.temperature, self.top_k, self.top_p)
 
     @property
     def num_batches(self) -> int:
@@ -154,13 +159,6 @@ def _batch_rng(spec: SelfGeneratedSpec, batch: int) -> np.random.Generator:
     return np.random.default_rng([spec.seed, batch])
 
 
-def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
-    ids = set(getattr(getattr(model, "config", None), "eos_token_ids", ()) or ())
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return sorted(ids)
-
-
 def _write_shard(path: Path, prompts: Sequence[Prompt], continuations: Sequence[Sequence[int]]
                  ) -> None:
     """One batch as flat ids + per-sample lengths, written atomically (temp file, then rename)."""
@@ -184,40 +182,28 @@ def read_shard(path: Path) -> list[Sample]:
                 in zip(pieces, shard["prompt_lengths"], shard["doc_ids"], strict=True)]
 
 
-def generate_shards(spec: SelfGeneratedSpec, teacher: Teacher | Callable[[], Teacher] | None = None,
+def generate_shards(spec: SelfGeneratedSpec, tokenizer: Any, sampler: Callable[[], Sampler],
                     progress: bool = True) -> Path:
     """Generates the batches of `spec` that are missing and returns the shard directory.
 
-    `teacher` is `(model, tokenizer)` or a function returning it, called only if something is
-    left to generate; by default `load_pretrained(spec.teacher)`. It must be the model that
-    `spec.teacher` names: the cache is keyed by that name.
+    `sampler()` gives the teacher's `Sampler`; it is called only if something is left to
+    generate, and must sample from the model that `spec.teacher` names with the spec's settings:
+    the cache is keyed by them.
     """
-    from spellm_jax import decoding  # jax and the model code only when generating
-
     directory = shard_dir(spec)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "spec.json").write_text(json.dumps(spec.key_fields(), indent=2, sort_keys=True))
     done = num_shards(directory)
     if done >= spec.num_batches:
         return directory
-    if teacher is None:
-        from spellm_jax.pretrained import load_pretrained
-
-        model, tokenizer = load_pretrained(spec.teacher)
-    else:
-        model, tokenizer = teacher() if callable(teacher) else teacher
+    continue_prompts = sampler()
     documents = corpora.load_corpora(spec.corpora, spec.split)
-    eos_ids = _stop_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    rule = decoding.LMHeadRule(decoding.Sampling(spec.temperature, spec.top_k, spec.top_p))
     bar = tqdm.tqdm(range(done, spec.num_batches), initial=done, total=spec.num_batches,
                     unit="batch", desc=f"teacher generations ({directory.name})", disable=not progress)
     for batch in bar:
         rng = _batch_rng(spec, batch)
         prompts = sample_prompts(documents, tokenizer, spec.batch_size, spec.prompt_tokens, rng)
-        continuations = decoding.generate(model, [p.ids for p in prompts], spec.new_tokens, rule,
-                                          eos_ids=eos_ids, pad_id=pad_id,
-                                          seed=int(rng.integers(2**31)))
+        continuations = continue_prompts([p.ids for p in prompts], int(rng.integers(2**31)))
         _write_shard(_shard_path(directory, batch), prompts, continuations)
     return directory
 
@@ -264,12 +250,11 @@ class SelfGenerated(tfds.core.GeneratorBasedBuilder):
                           "doc_id": sample.doc_id}
 
 
-def load_self_generated(spec: SelfGeneratedSpec,
-                        teacher: Teacher | Callable[[], Teacher] | None = None,
+def load_self_generated(spec: SelfGeneratedSpec, tokenizer: Any, sampler: Callable[[], Sampler],
                         progress: bool = True) -> list[Sample]:
-    """The samples of `spec`: generated where missing (resumable), then read through the
-    `SelfGenerated` tfds builder."""
-    generate_shards(spec, teacher, progress)
+    """The samples of `spec`: generated where missing (resumable, see `generate_shards`), then
+    read through the `SelfGenerated` tfds builder."""
+    generate_shards(spec, tokenizer, sampler, progress)
     examples = tfds_io.read_split(SelfGenerated(spec=spec), spec.split)
     return [Sample(np.asarray(ex["ids"], np.int32), int(ex["prompt_length"]),
                    tfds_io.decode_text(ex["doc_id"])) for ex in examples]

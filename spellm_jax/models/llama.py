@@ -19,6 +19,7 @@ from spellm_jax import sharding
 from spellm_jax.models.config import ModelConfig, UnsupportedModelError, rope_inverse_frequencies
 
 RematPolicy = Literal["none", "full", "dots"]
+REMAT_POLICIES = ("none", "full", "dots")
 ModelT = TypeVar("ModelT", bound=nnx.Module)
 
 _kernel_init = jax.nn.initializers.normal(0.02)
@@ -37,11 +38,18 @@ class RuntimeOptions:
     lora_rank: int = 0  # > 0 adds LoRA factors to every attention and MLP projection
     lora_alpha: float = 16.0
 
+    @property
+    def lora_scale(self) -> float:
+        """LoRA's update is `lora_scale * A @ B` (alpha / rank; 0 without LoRA)."""
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
 
 @struct.dataclass
 class KVCache:
     """Static-size key/value cache for every layer: `[layers, batch, kv_heads, max_len, head_dim]`
     (slots after the heads, so a layer's keys feed the attention dots without a transpose)."""
+
+    SLOT_AXIS = 3  # (not a field)
 
     keys: jax.Array
     values: jax.Array
@@ -53,7 +61,13 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.keys.shape[3]
+        return self.keys.shape[self.SLOT_AXIS]
+
+    def grow(self, extra: int) -> KVCache:
+        """The same cache with `extra` more (empty) slots."""
+        widths = [(0, 0)] * self.keys.ndim
+        widths[self.SLOT_AXIS] = (0, extra)
+        return KVCache(jnp.pad(self.keys, widths), jnp.pad(self.values, widths))
 
 
 class Dense(nnx.Module):
@@ -75,7 +89,7 @@ class Dense(nnx.Module):
                        if rank else None)
         self.lora_b = (sharding.param(rngs.params(), _zeros, (rank, d_out), ("lora_rank", axes[1]),
                                       options.param_dtype) if rank else None)
-        self.lora_scale = options.lora_alpha / rank if rank else 0.0
+        self.lora_scale = options.lora_scale if rank else 0.0
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
@@ -329,11 +343,15 @@ class Llama(nnx.Module):
         cache: KVCache | None = None,
         write_index: jax.Array | int = 0,
         key_valid: jax.Array | None = None,
+        layers: tuple[int, int | None] = (0, None),
+        residual: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Hidden states `[B, T, d]` after the final norm, and the updated cache.
+        """Hidden states `[B, T, d]` and the updated cache.
 
         attention_mask `[B, T]` marks real tokens (left padding is 0). With a cache, `key_valid`
-        `[B, S]` marks the cache slots holding real tokens after this call's write.
+        `[B, S]` marks the cache slots holding real tokens after this call's write. `layers =
+        (start, end)` runs only those blocks: from `residual` (the stream entering block start;
+        the embedded ids when None), and without the final norm unless end is the last block.
         """
         b, t = input_ids.shape
         if attention_mask is None:
@@ -352,18 +370,18 @@ class Llama(nnx.Module):
                 f"this {self.config.model_type} model uses a sliding attention window of {window} "
                 f"tokens, but {num_keys} keys were asked for; spellm_jax implements full causal "
                 f"attention only, so keep sequences (and KV caches) at most {window} long.")
+        start, end = layers[0], self.config.num_layers if layers[1] is None else layers[1]
         cos, sin = rope_tables(self.config, positions)
-        x = self.embed(input_ids)
-        x, new_cache = self.run_layers(x, cos, sin, key_valid, write_index, cache)
-        return self.norm(x), new_cache
+        x = self.embed(input_ids) if residual is None else residual
+        x, new_cache = self.run_layers(x, cos, sin, key_valid, write_index, cache, start, end)
+        return (self.norm(x) if end == self.config.num_layers else x), new_cache
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.options.dtype)
 
-    def run_layers(self, x, cos, sin, key_valid, write_index=0, cache: KVCache | None = None,
-                   start: int = 0, end: int | None = None) -> tuple[jax.Array, KVCache | None]:
-        """Blocks `start..end` (all by default) on the residual stream `x`, without final norm."""
-        end = self.config.num_layers if end is None else end
+    def run_layers(self, x, cos, sin, key_valid, write_index, cache: KVCache | None, start: int,
+                   end: int) -> tuple[jax.Array, KVCache | None]:
+        """Blocks `start..end` on the residual stream `x`, without final norm."""
         run = _remat(_run_block, self.options.remat)
         if self.options.scan_layers:
             graphdef, stacked = nnx.split(self.layers)

@@ -115,21 +115,36 @@ def param_shapes(module: nnx.Module) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def shape_differences(expected: Mapping[str, tuple[int, ...]], actual: Mapping[str, tuple[int, ...]]
+                      ) -> tuple[list[str], list[str], list[str]]:
+    """`(missing, unexpected, different shapes)` of `actual` against `expected` shapes by key,
+    each sorted; the last as `"key: got shape, needs shape"`."""
+    missing = sorted(set(expected) - set(actual))
+    unexpected = sorted(set(actual) - set(expected))
+    different = sorted(f"{k}: got {tuple(actual[k])}, needs {tuple(expected[k])}"
+                       for k in set(expected) & set(actual) if tuple(actual[k]) != tuple(expected[k]))
+    return missing, unexpected, different
+
+
 def check_params(expected: Mapping[str, tuple[int, ...]], flat: Mapping, source: str) -> None:
     """Raises ParamMismatchError naming every missing, unexpected or mis-shaped parameter."""
-    missing = sorted(set(expected) - set(flat))
-    unexpected = sorted(set(flat) - set(expected))
-    wrong = sorted(f"{k}: got {tuple(np.shape(flat[k]))}, model needs {expected[k]}"
-                   for k in set(expected) & set(flat) if tuple(np.shape(flat[k])) != expected[k])
+    missing, unexpected, wrong = shape_differences(
+        expected, {k: tuple(np.shape(v)) for k, v in flat.items()})
     if missing or unexpected or wrong:
-        lines = [f"parameters from {source} do not fit the model:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected),
-                             ("shape mismatch", wrong)):
-            if items:
-                shown = ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
-                lines.append(f"  {title}: {shown}")
-        lines.append("Check that the config matches the weights (model type, sizes, tied embeddings).")
-        raise ParamMismatchError("\n".join(lines))
+        raise ParamMismatchError(mismatch_report(
+            f"parameters from {source} do not fit the model:",
+            {"missing": missing, "unexpected": unexpected, "shape mismatch": wrong},
+            "Check that the config matches the weights (model type, sizes, tied embeddings)."))
+
+
+def mismatch_report(title: str, sections: Mapping[str, list[str]], advice: str = "") -> str:
+    """`title`, then one line per non-empty section listing up to 8 of its names, then `advice`."""
+    lines = [title]
+    for name, items in sections.items():
+        if items:
+            shown = ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
+            lines.append(f"  {name}: {shown}")
+    return "\n".join(lines + ([advice] if advice else []))
 
 
 def load_params(module: nnx.Module, flat: Mapping, source: str = "the given weights",

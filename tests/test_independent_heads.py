@@ -1,4 +1,7 @@
-"""The k character heads: one einsum equals per-head references; adapters; initialisation."""
+"""The paper's independent character heads: one einsum equals per-head references; adapters;
+initialisation from the LM head; the symbol mask."""
+
+import types
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from spellm_jax.models.char_heads import MASKED_LOGIT, CharHeads, HeadsConfig, head_cost
+from spellm_jax.models.char_decoders import MASKED_LOGIT, HeadsConfig
+from spellm_jax.models.char_decoders.independent import IndependentHeads, head_cost
 from spellm_jax.models.llama import RuntimeOptions, fused_for_inference
 from spellm_jax.sharding import partition_specs
 
@@ -14,7 +18,7 @@ D, K, C = 32, 5, 11
 
 
 def make_heads(adapter="none", use_bias=True, seed=0):
-    heads = CharHeads(D, HeadsConfig(K, C, use_bias=use_bias, adapter=adapter, init="normal"),
+    heads = IndependentHeads(D, HeadsConfig(K, C, use_bias=use_bias, adapter=adapter, init="normal"),
                       RuntimeOptions(), nnx.Rngs(seed))
     # Give biases and the zero-initialised adapter outputs non-trivial values.
     rng = np.random.RandomState(seed)
@@ -26,7 +30,7 @@ def make_heads(adapter="none", use_bias=True, seed=0):
 def test_einsum_heads_equal_per_head_reference():
     heads = make_heads()
     hidden = jnp.asarray(np.random.RandomState(1).normal(size=(2, 3, D)), jnp.float32)
-    got = heads(hidden)
+    got = heads.logits(hidden)
     kernel, bias = np.asarray(heads.kernel[...]), np.asarray(heads.bias[...])
     for i in range(K):
         want = np.asarray(hidden) @ kernel[i] + bias[i]
@@ -43,13 +47,13 @@ def test_shared_adapter_equals_reference():
     a = heads.adapter
     adapted = _mlp(hidden, a.up.kernel[...], a.up.bias[...], a.down.kernel[...], a.down.bias[...])
     want = np.einsum("nd,kdc->nkc", adapted, np.asarray(heads.kernel[...])) + heads.bias[...]
-    np.testing.assert_allclose(heads(jnp.asarray(hidden)), want, atol=1e-4)
+    np.testing.assert_allclose(heads.logits(jnp.asarray(hidden)), want, atol=1e-4)
 
 
 def test_per_head_vmap_adapter_equals_explicit_per_head_reference():
     heads = make_heads("per_head")
     hidden = np.random.RandomState(3).normal(size=(4, D)).astype(np.float32)
-    got = np.asarray(heads(jnp.asarray(hidden)))
+    got = np.asarray(heads.logits(jnp.asarray(hidden)))
     a = heads.adapter
     assert a.up.kernel[...].shape == (K, D, 4 * D)  # stacked, not k module references
     for i in range(K):
@@ -67,7 +71,7 @@ def test_fused_heads_compute_the_same_logits(adapter):
     heads = make_heads(adapter)
     fused = fused_for_inference(heads)
     hidden = jnp.asarray(np.random.RandomState(5).normal(size=(2, 3, D)), jnp.float32)
-    np.testing.assert_allclose(fused(hidden), heads(hidden), atol=1e-5)
+    np.testing.assert_allclose(fused.logits(hidden), heads.logits(hidden), atol=1e-5)
     if adapter == "per_head":  # each head has its own input: the [k, d, C] layout stays
         assert fused.kernel_dkc is None
         return
@@ -79,11 +83,11 @@ def test_fused_heads_compute_the_same_logits(adapter):
 @pytest.mark.parametrize("adapter", ["shared", "per_head"])
 def test_adapters_start_as_identity(adapter):
     config = HeadsConfig(K, C, adapter=adapter, init="normal")
-    with_adapter = CharHeads(D, config, RuntimeOptions(), nnx.Rngs(0))
-    plain = CharHeads(D, HeadsConfig(K, C, init="normal"), RuntimeOptions(), nnx.Rngs(0))
+    with_adapter = IndependentHeads(D, config, RuntimeOptions(), nnx.Rngs(0))
+    plain = IndependentHeads(D, HeadsConfig(K, C, init="normal"), RuntimeOptions(), nnx.Rngs(0))
     plain.kernel[...] = with_adapter.kernel[...]
     hidden = jnp.asarray(np.random.RandomState(4).normal(size=(3, D)), jnp.float32)
-    np.testing.assert_allclose(with_adapter(hidden), plain(hidden), atol=1e-6)
+    np.testing.assert_allclose(with_adapter.logits(hidden), plain.logits(hidden), atol=1e-6)
 
 
 def test_lm_head_mean_initialisation_and_symbol_mask():
@@ -92,8 +96,9 @@ def test_lm_head_mean_initialisation_and_symbol_mask():
                       [pad, pad, pad, pad, pad]])  # the last row is not a valid token
     valid = np.array([True, True, True, False])
     unembedding = np.random.RandomState(5).normal(size=(4, D)).astype(np.float32)
-    heads = CharHeads(D, HeadsConfig(K, C), RuntimeOptions(), nnx.Rngs(0))
-    heads.set_spelling(table, valid, unembedding)
+    heads = IndependentHeads(D, HeadsConfig(K, C), RuntimeOptions(), nnx.Rngs(0))
+    spelling = types.SimpleNamespace(table=table, valid=valid, k=K, num_symbols=C)  # a toy alphabet
+    heads.attach_spelling(spelling, unembedding)
     kernel = np.asarray(heads.kernel[...])
     np.testing.assert_allclose(kernel[0, :, 0], unembedding[:2].mean(0), atol=1e-6)
     np.testing.assert_allclose(kernel[1, :, pad], unembedding[2], atol=1e-6)
@@ -104,11 +109,11 @@ def test_lm_head_mean_initialisation_and_symbol_mask():
     assert mask[1, 1] == 0 and mask[1, 2] == 0 and mask[1, 0] == MASKED_LOGIT
     bias = np.asarray(heads.bias[...])
     assert bias[0, 0] == pytest.approx(np.log(2)) and bias[0, 4] == pytest.approx(0.0)
-    logits = heads(jnp.zeros((1, D)))
+    logits = heads.logits(jnp.zeros((1, D)))
     assert int(jnp.argmax(logits[0, 0])) == 0  # two tokens start with symbol 0, one with 4
 
     prior = np.array([0.1, 0.6, 0.3, 0.0])
-    heads.set_spelling(table, valid, unembedding, token_prior=prior)
+    heads.attach_spelling(spelling, unembedding, token_prior=prior)
     np.testing.assert_allclose(np.asarray(heads.kernel[...])[0, :, 0],
                                (0.1 * unembedding[0] + 0.6 * unembedding[1]) / 0.7, atol=1e-6)
     assert np.asarray(heads.bias[...])[0, 4] == pytest.approx(np.log(0.3))
