@@ -27,6 +27,8 @@ flags.DEFINE_list("tasks", ["lambada", "hellaswag", "arc_easy", "arc_challenge",
                             "winogrande"], "Tasks to score.")
 flags.DEFINE_integer("limit", None, "Score only the first N documents of each task.")
 flags.DEFINE_integer("batch_size", 16, "Requests per scoring call.")
+flags.DEFINE_integer("beam", 1, "Strings the SpeLLM's decoder searches for its greedy choices "
+                     "(chain kind; 1: greedy).")
 
 
 def main(argv: list[str]) -> None:
@@ -49,11 +51,11 @@ def main(argv: list[str]) -> None:
     if FLAGS.export:
         from spellm_jax.benchmarks.torch_scoring import load_export
 
-        run = load_export(source, FLAGS.teacher)
+        run = load_export(source, FLAGS.teacher, FLAGS.beam)
     else:
         from spellm_jax.benchmarks.models import load_run
 
-        run = load_run(source)
+        run = load_run(source, FLAGS.beam)
     results = run_tasks(run.backends(), run.tokenizer, tasks, FLAGS.limit, FLAGS.batch_size,
                         run.max_length)
     results |= {"source": str(Path(source).resolve()), "backend": "torch" if FLAGS.export else "jax",

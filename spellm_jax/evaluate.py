@@ -120,31 +120,22 @@ def write_plots(metrics: dict[str, Any], out: Path) -> None:
 
 def main(argv: list[str]) -> None:
     del argv
-    import ml_collections
-
     from spellm_jax.evaluation import EvalSettings, evaluate
-    from spellm_jax.models.llama import RuntimeOptions, fused_for_inference
-    from spellm_jax.pretrained import build_model
-    from spellm_jax.runs import load_spellm, load_teacher, run_metadata
+    from spellm_jax.runs import load_for_inference
     from spellm_jax.spelling import Respeller
 
     if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
         raise app.UsageError("pass exactly one of --workdir and --checkpoint.")
     source = FLAGS.checkpoint or FLAGS.workdir
-    metadata = run_metadata(source)
-    config = ml_collections.ConfigDict(metadata["config"])
-    teacher = load_teacher(config)
-    model, tokenizer, spelling = load_spellm(source, teacher=teacher)
-    model = fused_for_inference(model)
-    teacher_model = fused_for_inference(
-        build_model(teacher.config, RuntimeOptions(), teacher.params, teacher.source))
+    run = load_for_inference(source)
+    config = run.config
     settings = EvalSettings(
         corpora=tuple(config.data.corpora), prompts=FLAGS.prompts, new_tokens=FLAGS.new_tokens,
         prompt_tokens=config.data.prompt_tokens, real_text_rows=FLAGS.real_text_rows,
         last_word_items=FLAGS.last_word_items, ceiling_ks=tuple(map(int, FLAGS.ceiling_ks)),
         beam=FLAGS.beam,
         seed=config.seed)
-    metrics = evaluate(model, teacher_model, Respeller(spelling, tokenizer), settings)
+    metrics = evaluate(run.spellm, run.teacher, Respeller(run.spelling, run.tokenizer), settings)
     metrics["source"] = str(Path(source).resolve())
     out = Path(FLAGS.out or Path(FLAGS.workdir or Path(source).parent.parent) / "eval")
     out.mkdir(parents=True, exist_ok=True)

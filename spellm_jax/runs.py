@@ -8,6 +8,7 @@ config), `spelling_table.json` and `checkpoints/N` (the state after N updates).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -129,3 +130,29 @@ def load_spellm(path: str | os.PathLike, teacher: Pretrained | None = None
     params = checkpoints.restore_params(step, abstract)
     checkpoints.close()
     return nnx.merge(graphdef, params, rest), teacher.tokenizer, spelling
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceModels:
+    """A run's SpeLLM and its teacher (the LM head, rebuilt from the recorded source), both laid
+    out for inference, with the tokenizer, spelling table and config they share."""
+
+    spellm: nnx.Module
+    teacher: nnx.Module
+    tokenizer: Any
+    spelling: SpellingTable
+    config: ml_collections.ConfigDict
+
+
+def load_for_inference(path: str | os.PathLike) -> InferenceModels:
+    """SpeLLM and teacher of a workdir (its latest checkpoint) or one `workdir/checkpoints/N`,
+    the teacher's weights read once for both."""
+    from spellm_jax.models.llama import fused_for_inference
+    from spellm_jax.pretrained import build_model
+
+    config = ml_collections.ConfigDict(run_metadata(path)["config"])
+    teacher = load_teacher(config)
+    model, tokenizer, spelling = load_spellm(path, teacher=teacher)
+    teacher_model = build_model(teacher.config, RuntimeOptions(), teacher.params, teacher.source)
+    return InferenceModels(fused_for_inference(model), fused_for_inference(teacher_model),
+                           tokenizer, spelling, config)

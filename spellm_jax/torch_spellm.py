@@ -43,6 +43,11 @@ class TorchCharDecoder(Protocol):
         `constrained`, the row of a vocabulary token."""
         ...
 
+    def token_log_probs(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """`[...]`: the log-probability of the token each table row `[..., k]` spells, under the
+        decoder's distribution over the vocabulary (benchmark scoring)."""
+        ...
+
 
 TorchDecoderFactory = Callable[[dict[str, torch.Tensor], dict[str, Any], torch.Tensor,
                                 torch.Tensor, SpellingTable], nn.Module]
@@ -114,6 +119,13 @@ class TorchIndependentHeads(nn.Module):
                                   self.valid)
             return self.table[scores.argmax(-1)]
         return self.logits(hidden).argmax(-1)
+
+    def token_log_probs(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The heads' product of symbol probabilities, renormalised over the vocabulary: a table
+        row's score is its token's."""
+        log_probs = torch.log_softmax(self.logits(hidden), dim=-1)
+        picked = log_probs.gather(-1, rows[..., None])[..., 0].sum(-1)
+        return picked - torch.logsumexp(token_scores(log_probs, self.table, self.valid), dim=-1)
 
 
 class TorchPrefixTrie:
@@ -202,7 +214,7 @@ class TorchChainHeads(TorchIndependentHeads):
     def logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         flat = hidden.reshape(-1, hidden.shape[-1])
         if rows is None:
-            rows = torch.stack([self.choose(h) for h in flat])
+            rows = self.choose(flat)
         rows = rows.reshape(len(flat), -1)
         out = []
         for h, row in zip(flat, rows, strict=True):
@@ -216,9 +228,30 @@ class TorchChainHeads(TorchIndependentHeads):
 
     def choose(self, hidden: torch.Tensor, constrained: bool = False, beam: int = 1
                ) -> torch.Tensor:
-        step, state = self._step(hidden)
-        return torch_search(step, state.expand(beam, -1), self.table.shape[1], self.pad, beam,
-                            self.trie if constrained else None)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        rows = []
+        for h in flat:
+            step, state = self._step(h)
+            rows.append(torch_search(step, state.expand(beam, -1), self.table.shape[1], self.pad,
+                                     beam, self.trie if constrained else None))
+        return torch.stack(rows).reshape(*hidden.shape[:-1], -1)
+
+    def token_log_probs(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The string probability of each row, each symbol renormalised over the symbols the
+        vocabulary's prefix trie allows after those before it."""
+        flat_rows = rows.reshape(-1, rows.shape[-1])
+        logits = self.logits(hidden, rows).reshape(*flat_rows.shape, -1).float()
+        total = torch.zeros(len(flat_rows))
+        done = torch.zeros(len(flat_rows), dtype=torch.bool)
+        lo = torch.zeros(len(flat_rows), dtype=torch.long)
+        hi = torch.full((len(flat_rows),), self.trie.count, dtype=torch.long)
+        for i in range(flat_rows.shape[1]):
+            masked = logits[:, i].masked_fill(~self.trie.allowed(i, lo), -torch.inf)
+            picked = torch.log_softmax(masked, -1).gather(-1, flat_rows[:, i:i + 1])[:, 0]
+            total = total + torch.where(done, 0.0, picked)
+            lo, hi = self.trie.narrow(i, lo, hi, flat_rows[:, i])
+            done = done | (flat_rows[:, i] == self.pad)
+        return total.reshape(rows.shape[:-1])
 
 
 class TorchSpeLLM(nn.Module):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from spellm_jax import assets, trainer
+from spellm_jax import assets, runs, trainer
 from spellm_jax.benchmarks import metrics
 from spellm_jax.benchmarks.harness import generate_ids
 from spellm_jax.benchmarks.models import load_run
@@ -37,10 +37,12 @@ TEXTS = ["The quick brown fox jumps over the lazy", "To be, or not to be, that i
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A 2-step tiny run with the in-training benchmark on (2 LAMBADA documents)."""
+    """A 2-step tiny run of the chain decoder (its recurrence no longer zero) with the
+    in-training benchmark on (2 LAMBADA documents)."""
     workdir = tmp_path_factory.mktemp("bench") / "run"
     trainer.run(tiny_config(**{"train.steps": 2, "train.eval_every": 2, "benchmark.enabled": True,
-                               "benchmark.tasks": ("lambada",), "benchmark.limit": 2}),
+                               "benchmark.tasks": ("lambada",), "benchmark.limit": 2,
+                               "heads.kind": "chain", "train.fresh_lr_scale": 30.0}),
                 workdir)
     return workdir
 
@@ -122,18 +124,18 @@ STEP_LENGTH = 48  # every prefix is right-padded to this, so one compiled forwar
 
 
 @functools.partial(nnx.jit, static_argnames=("spellm",))
-def _last_position(model, ids, length, spellm):
-    """Log-probabilities `[V]` of the next token after `ids[:length]` (causal: the padding after
-    it is never attended to), and the free and greedy choices there."""
+def _last_position(model, ids, length, target, spellm):
+    """The log-probability of `target` after `ids[:length]` (causal: the padding after it is
+    never attended to), and the greedy choices there."""
     hidden, _ = model.model(ids[None])
     last = hidden[0, length - 1]
     if not spellm:
         log_probs = jax.nn.log_softmax(model.lm_logits(last))
-        return log_probs, {"lm_head": jnp.argmax(log_probs)}
-    char_logits = model.char_logits(last)
-    log_probs = jax.nn.log_softmax(model.vocab_log_scores(char_logits))
-    return log_probs, {"vocab": jnp.argmax(log_probs),
-                       "free": model.lookup_tokens(jnp.argmax(char_logits, -1))}
+        return log_probs[target], {"lm_head": jnp.argmax(log_probs)}
+    decoder, spelling = model.char_heads, model.spelling
+    log_prob = decoder.token_log_probs(last, spelling.rows_of(target), spelling)
+    return log_prob, {"vocab": spelling.lookup(decoder.choose(last, spelling, constrained=True)),
+                      "free": spelling.lookup(decoder.choose(last, spelling))}
 
 
 def _step_by_step(model, pair, spellm):
@@ -143,8 +145,8 @@ def _step_by_step(model, pair, spellm):
         prefix = [*pair.context, *pair.continuation[:j]]
         ids = np.zeros(STEP_LENGTH, np.int32)
         ids[:len(prefix)] = prefix
-        log_probs, chosen = _last_position(model, jnp.asarray(ids), len(prefix), spellm)
-        total += float(log_probs[target])
+        log_prob, chosen = _last_position(model, jnp.asarray(ids), len(prefix), target, spellm)
+        total += float(log_prob)
         for mode, token in chosen.items():
             hits[mode] = hits.get(mode, True) and int(token) == target
     return total, hits
@@ -170,11 +172,10 @@ def test_scorer_log_likelihood_equals_one_step_at_a_time(tiny_models, which):
 
 
 def test_a_free_hit_is_the_exact_spelling_of_the_target():
-    from spellm_jax.charset import SpellingTable
+    from spellm_jax.spelling import DeviceSpelling, SpellingTable
     from spellm_jax.tokenizers import load_tokenizer
 
     spelling = SpellingTable.from_tokenizer(load_tokenizer("smollm2"), 16)
-    table, lengths = jnp.asarray(spelling.table), jnp.asarray(spelling.lengths)
     k, pad = spelling.k, spelling.pad_symbol
     short = int(np.flatnonzero((spelling.lengths == 3) & spelling.canonical)[0])
     long = int(np.flatnonzero(spelling.lengths > k)[0])
@@ -188,8 +189,8 @@ def test_a_free_hit_is_the_exact_spelling_of_the_target():
     rows = jnp.asarray(np.stack([row, after_pad, no_pad, wrong, spelling.table[long]]))
     targets = jnp.asarray([short, short, short, short, long])
     assert row[3] == pad
-    assert spells_target(rows, table, lengths, targets).tolist() == [True, True, False, False,
-                                                                   False]
+    assert spells_target(rows, DeviceSpelling.of(spelling), targets).tolist() == [
+        True, True, False, False, False]
 
 
 def test_pytorch_backend_matches_the_jax_backend(tiny_run, tiny_models, tmp_path):
@@ -197,7 +198,7 @@ def test_pytorch_backend_matches_the_jax_backend(tiny_run, tiny_models, tmp_path
     from spellm_jax.export import export_spellm
     from spellm_jax.torch_spellm import TorchSpeLLM
 
-    spellm, tokenizer, spelling = trainer.load_spellm(tiny_run)
+    spellm, tokenizer, spelling = runs.load_spellm(tiny_run)
     out = export_spellm(spellm, tokenizer, spelling, tmp_path / "export", base_model="tiny_random")
     torch_spellm = TorchSpeLLM.from_pretrained(out)
     own = generate_ids(tiny_models, "vocab", [tokenizer(TEXTS[0])["input_ids"]], 4)[0]

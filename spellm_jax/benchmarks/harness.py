@@ -7,10 +7,10 @@
 its registry, so plain `lm_eval` must import this module first.) From Python, importing this
 module registers the model for `lm_eval.simple_evaluate(model="spellm_jax", ...)`.
 
-`mode`: `free` or `vocab` (the SpeLLM's character heads, free or vocabulary-constrained
-decoding) or `lm_head` (the teacher). Log-likelihoods come from `scoring` (for the SpeLLM, its
-vocabulary-renormalised distribution, whichever the mode); `is_greedy` and `generate_until`
-follow the mode. Needs `pip install lm-eval==0.4.13`.
+`mode`: `free` or `vocab` (the SpeLLM's character decoder, free or vocabulary-constrained
+decoding; `beam=B` strings for the chain kind) or `lm_head` (the teacher). Log-likelihoods come
+from `scoring` (for the SpeLLM, its decoder's distribution over the vocabulary, whichever the
+mode); `is_greedy` and `generate_until` follow the mode. Needs `pip install lm-eval==0.4.13`.
 """
 
 from __future__ import annotations
@@ -22,24 +22,23 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from spellm_jax import decoding
+from spellm_jax import decoding, tokenizers
 from spellm_jax.benchmarks.models import RunModels, load_run
 from spellm_jax.benchmarks.scoring import DEFAULT_BATCH, Pair, encode_pair, score_pairs
+from spellm_jax.spelling import Respeller
 
 MODES = ("free", "vocab", "lm_head")
-RULES = {"free": decoding.FreeRule, "vocab": decoding.VocabRule, "lm_head": decoding.LMHeadRule}
 DEFAULT_MAX_GEN_TOKS = 256
 
 
 def generate_ids(run: RunModels, mode: str, prompts: Sequence[Sequence[int]], max_new_tokens: int
                  ) -> list[list[int]]:
-    """Greedy new token ids for each prompt, in `mode`."""
+    """Greedy new token ids for each prompt, in `mode` (the SpeLLM with the run's beam)."""
     model = run.teacher if mode == "lm_head" else run.spellm
-    tokenizer = run.tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return decoding.generate(model, prompts, max_new_tokens, RULES[mode](),
-                             eos_ids=list(model.config.eos_token_ids), pad_id=pad,
-                             spelling=run.spelling, tokenizer=tokenizer)
+    rule = decoding.rule_for(mode, respeller=Respeller(run.spelling, run.tokenizer), beam=run.beam)
+    return decoding.generate(model, prompts, max_new_tokens, rule,
+                             eos_ids=list(model.config.eos_token_ids),
+                             pad_id=tokenizers.pad_id(run.tokenizer)).tokens
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> str:
@@ -53,7 +52,7 @@ class SpeLLMHarnessModel(LM):
     """A SpeLLM run for lm-evaluation-harness: `loglikelihood`, `loglikelihood_rolling` and
     `generate_until` (greedy; stop strings and `max_gen_toks` honoured)."""
 
-    def __init__(self, workdir: str | None = None, mode: str = "free",
+    def __init__(self, workdir: str | None = None, mode: str = "free", beam: int | str = 1,
                  batch_size: int | str = DEFAULT_BATCH, run: RunModels | None = None,
                  **ignored: Any):
         super().__init__()
@@ -61,7 +60,7 @@ class SpeLLMHarnessModel(LM):
             raise ValueError(f"mode={mode!r}; choose one of {', '.join(MODES)}.")
         if (workdir is None) == (run is None):
             raise ValueError("pass model_args workdir=DIR (a training workdir or checkpoint).")
-        self.run = run or load_run(workdir)
+        self.run = run or load_run(workdir, int(beam))
         self.mode = mode
         self.batch_size = DEFAULT_BATCH if batch_size in (None, "auto") else int(batch_size)
         backends = self.run.backends()

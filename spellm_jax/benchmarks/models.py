@@ -9,41 +9,34 @@ from typing import Any
 from flax import nnx
 
 from spellm_jax.benchmarks.scoring import JaxBackend
-from spellm_jax.charset import SpellingTable
+from spellm_jax.spelling import SpellingTable
 
 
 @dataclasses.dataclass(frozen=True)
 class RunModels:
-    """A run's teacher (its LM head, rebuilt from the recorded source) and its SpeLLM, both laid
-    out for inference, with the tokenizer they share."""
+    """A run's teacher (its LM head) and SpeLLM, laid out for inference, with the tokenizer and
+    spelling table they share; `beam`: the strings the SpeLLM's decoder searches per step."""
 
     teacher: nnx.Module
     spellm: nnx.Module
     tokenizer: Any
     spelling: SpellingTable
-    source: str
+    beam: int = 1
 
     def backends(self) -> dict[str, JaxBackend]:
         """`{"teacher": ..., "spellm": ...}`: the teacher first, so gaps are SpeLLM - teacher."""
-        return {"teacher": JaxBackend.teacher(self.teacher), "spellm": JaxBackend.spellm(self.spellm)}
+        return {"teacher": JaxBackend.teacher(self.teacher),
+                "spellm": JaxBackend.spellm(self.spellm, self.beam)}
 
     @property
     def max_length(self) -> int:
         return self.teacher.config.max_position_embeddings
 
 
-def load_run(source: str | Path) -> RunModels:
+def load_run(source: str | Path, beam: int = 1) -> RunModels:
     """Teacher and SpeLLM of a training workdir (its latest checkpoint) or one
     `workdir/checkpoints/N` directory."""
-    import ml_collections
+    from spellm_jax.runs import load_for_inference
 
-    from spellm_jax.models.llama import RuntimeOptions, fused_for_inference
-    from spellm_jax.pretrained import build_model
-    from spellm_jax.trainer import load_spellm, load_teacher, run_metadata
-
-    config = ml_collections.ConfigDict(run_metadata(source)["config"])
-    teacher = load_teacher(config)
-    spellm, tokenizer, spelling = load_spellm(source, teacher=teacher)
-    teacher_model = build_model(teacher.config, RuntimeOptions(), teacher.params, teacher.source)
-    return RunModels(fused_for_inference(teacher_model), fused_for_inference(spellm), tokenizer,
-                     spelling, str(source))
+    models = load_for_inference(source)
+    return RunModels(models.teacher, models.spellm, models.tokenizer, models.spelling, beam)

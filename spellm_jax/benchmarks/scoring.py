@@ -146,72 +146,74 @@ def score_pairs(backend: Backend, pairs: Sequence[Pair], batch_size: int = DEFAU
     return Scores(log_prob, num_tokens, greedy)
 
 
-def spells_target(rows: jax.Array, table: jax.Array, lengths: jax.Array, targets: jax.Array
-                  ) -> jax.Array:
+def spells_target(rows: jax.Array, spelling: Any, targets: jax.Array) -> jax.Array:
     """Whether the string of each symbol row `[..., k]` (up to its first PAD) is exactly the
     spelling of the target token `[...]`: equal up to and including the target row's PAD, and
     the token not longer than k."""
-    k = rows.shape[-1]
-    length = lengths[targets]
-    compared = jnp.arange(k) <= length[..., None]
-    return jnp.all((rows == table[targets]) | ~compared, axis=-1) & (length <= k)
+    length = spelling.lengths[...][targets]
+    compared = jnp.arange(rows.shape[-1]) <= length[..., None]
+    same = (rows == spelling.rows_of(targets)) | ~compared
+    return jnp.all(same, axis=-1) & (length <= rows.shape[-1])
 
 
 def _picked(log_probs: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
 
 
-def teacher_scores(model, hidden: jax.Array, targets: jax.Array
+def teacher_scores(model, hidden: jax.Array, targets: jax.Array, beam: int = 1
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The LM head's log-probability of each target `[..., ]` and whether it is its argmax."""
+    del beam
     log_probs = jax.nn.log_softmax(model.lm_logits(hidden), axis=-1)
     return _picked(log_probs, targets), {"lm_head": jnp.argmax(log_probs, axis=-1) == targets}
 
 
-def spellm_scores(model, hidden: jax.Array, targets: jax.Array
+def spellm_scores(model, hidden: jax.Array, targets: jax.Array, beam: int = 1
                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The SpeLLM's log-probability of each target token: its spelling's score under the
-    character heads, renormalised over the vocabulary (the distribution whose bits per byte
-    `evaluation` reports); and whether vocabulary-constrained and free greedy decoding would
-    choose it. The one place the benchmarks read the character heads."""
-    char_logits = model.char_logits(hidden)
-    log_probs = jax.nn.log_softmax(model.vocab_log_scores(char_logits), axis=-1)
-    rows = jnp.argmax(char_logits, axis=-1)
-    free = spells_target(rows, model.spelling_table[...], model.token_lengths[...], targets)
-    return _picked(log_probs, targets), {"vocab": jnp.argmax(log_probs, axis=-1) == targets,
-                                         "free": free}
+    """The SpeLLM's log-probability of each target token (its decoder's `token_log_probs`: the
+    distribution over the vocabulary whose bits per byte `evaluation` reports), and whether
+    vocabulary-constrained and free decoding (with `beam` strings) would emit its spelling."""
+    decoder, spelling = model.char_heads, model.spelling
+    target_rows = spelling.rows_of(targets)
+    log_probs = decoder.token_log_probs(hidden, target_rows, spelling)
+    vocab = decoder.choose(hidden, spelling, constrained=True, beam=beam)
+    free = decoder.choose(hidden, spelling, beam=beam)
+    return log_probs, {"vocab": jnp.all(vocab == target_rows, axis=-1),
+                       "free": spells_target(free, spelling, targets)}
 
 
-HeadScores = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+HeadScores = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
-@functools.partial(nnx.jit, static_argnames=("head",))
-def _score(model, ids: jax.Array, starts: jax.Array, targets: jax.Array, head: HeadScores
-           ) -> dict[str, jax.Array]:
+@functools.partial(nnx.jit, static_argnames=("head", "beam"))
+def _score(model, ids: jax.Array, starts: jax.Array, targets: jax.Array, head: HeadScores,
+           beam: int) -> dict[str, jax.Array]:
     hidden, _ = model.model(ids)
     index = jnp.minimum(starts[:, None] + jnp.arange(targets.shape[1]), ids.shape[1] - 1)
     hidden = jnp.take_along_axis(hidden, index[..., None], axis=1)  # [B, L, d]
-    log_probs, hits = head(model, hidden, targets)
+    log_probs, hits = head(model, hidden, targets, beam)
     return {"log_probs": log_probs} | {f"hits/{mode}": hit for mode, hit in hits.items()}
 
 
 @dataclasses.dataclass(frozen=True)
 class JaxBackend:
-    """A spellm_jax model (pass `fused_for_inference(model)` for speed) and its output scoring."""
+    """A spellm_jax model (pass `fused_for_inference(model)` for speed) and its output scoring;
+    `beam`: the strings the SpeLLM's decoder searches for its greedy choices."""
 
     model: nnx.Module
     head: HeadScores = teacher_scores
     modes: tuple[str, ...] = ("lm_head",)
+    beam: int = 1
 
     @classmethod
     def teacher(cls, model: nnx.Module) -> JaxBackend:
         return cls(model, teacher_scores, ("lm_head",))
 
     @classmethod
-    def spellm(cls, model: nnx.Module) -> JaxBackend:
-        return cls(model, spellm_scores, ("vocab", "free"))
+    def spellm(cls, model: nnx.Module, beam: int = 1) -> JaxBackend:
+        return cls(model, spellm_scores, ("vocab", "free"), beam)
 
     def score(self, batch: Batch) -> dict[str, np.ndarray]:
         out = _score(self.model, jnp.asarray(batch.ids), jnp.asarray(batch.starts),
-                     jnp.asarray(batch.targets), head=self.head)
+                     jnp.asarray(batch.targets), head=self.head, beam=self.beam)
         return jax.device_get(out)

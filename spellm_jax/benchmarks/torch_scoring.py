@@ -15,10 +15,6 @@ import torch
 from spellm_jax.benchmarks.scoring import Batch
 
 
-def _picked(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return log_probs.gather(-1, targets[..., None])[..., 0]
-
-
 def spells_target(rows: torch.Tensor, table: torch.Tensor, lengths: torch.Tensor,
                   targets: torch.Tensor) -> torch.Tensor:
     """`scoring.spells_target` in torch: the row's string is exactly the target's spelling."""
@@ -30,14 +26,17 @@ def spells_target(rows: torch.Tensor, table: torch.Tensor, lengths: torch.Tensor
 
 @dataclasses.dataclass
 class TorchBackend:
-    """A transformers causal LM (its LM head), or a TorchSpeLLM (its character heads)."""
+    """A transformers causal LM (its LM head), or a TorchSpeLLM (its character decoder, greedy
+    choices with `beam` strings)."""
 
     model: torch.nn.Module
     spellm: bool = False
+    beam: int = 1
 
     def __post_init__(self) -> None:
         if self.spellm:
             self.lengths = torch.as_tensor(self.model.spelling.lengths, dtype=torch.long)
+            self.table = torch.as_tensor(self.model.spelling.table, dtype=torch.long)
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -54,14 +53,22 @@ class TorchBackend:
         hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
         if not self.spellm:
             log_probs = torch.log_softmax(self.model.lm_head(hidden).float(), dim=-1)
+            picked = log_probs.gather(-1, targets[..., None])[..., 0]
             hits = {"lm_head": log_probs.argmax(-1) == targets}
-        else:
-            char_logits = self.model.char_logits(hidden)
-            log_probs = torch.log_softmax(self.model.vocab_log_scores(char_logits), dim=-1)
-            free = spells_target(char_logits.argmax(-1), self.model.table, self.lengths, targets)
-            hits = {"vocab": log_probs.argmax(-1) == targets, "free": free}
-        return {"log_probs": _picked(log_probs, targets).numpy()} | {
-            f"hits/{mode}": hit.numpy() for mode, hit in hits.items()}
+            return {"log_probs": picked.numpy()} | {
+                f"hits/{mode}": hit.numpy() for mode, hit in hits.items()}
+        # Only the positions that predict a continuation token reach the decoder.
+        mask = torch.as_tensor(batch.mask)
+        decoder, wanted, rows = self.model.decoder, targets[mask], self.table[targets[mask]]
+        out = {name: np.zeros(targets.shape, dtype) for name, dtype in
+               (("log_probs", np.float32), ("hits/vocab", bool), ("hits/free", bool))}
+        out["log_probs"][mask.numpy()] = decoder.token_log_probs(hidden[mask], rows).numpy()
+        vocab = decoder.choose(hidden[mask], constrained=True, beam=self.beam)
+        out["hits/vocab"][mask.numpy()] = (vocab == rows).all(-1).numpy()
+        free = decoder.choose(hidden[mask], beam=self.beam)
+        out["hits/free"][mask.numpy()] = spells_target(free, self.table, self.lengths,
+                                                       wanted).numpy()
+        return out
 
 
 def load_torch_lm(source: str) -> torch.nn.Module:
@@ -86,16 +93,18 @@ class ExportModels:
     teacher: torch.nn.Module
     spellm: Any  # TorchSpeLLM
     tokenizer: Any
+    beam: int = 1
 
     def backends(self) -> dict[str, TorchBackend]:
-        return {"teacher": TorchBackend(self.teacher), "spellm": TorchBackend(self.spellm, True)}
+        return {"teacher": TorchBackend(self.teacher),
+                "spellm": TorchBackend(self.spellm, True, self.beam)}
 
     @property
     def max_length(self) -> int:
         return self.spellm.lm.config.max_position_embeddings
 
 
-def load_export(path: str | Path, teacher: str | None = None) -> ExportModels:
+def load_export(path: str | Path, teacher: str | None = None, beam: int = 1) -> ExportModels:
     """`TorchSpeLLM` of an export directory, and its teacher: `teacher`, else the export's
     recorded `base_model`."""
     from spellm_jax.conversion import spellm_files
@@ -104,4 +113,4 @@ def load_export(path: str | Path, teacher: str | None = None) -> ExportModels:
     spellm = TorchSpeLLM.from_pretrained(path)
     if teacher is None:
         teacher = json.loads((Path(path) / spellm_files.CONFIG_FILE).read_text())["base_model"]
-    return ExportModels(load_torch_lm(teacher), spellm, spellm.tokenizer)
+    return ExportModels(load_torch_lm(teacher), spellm, spellm.tokenizer, beam)
