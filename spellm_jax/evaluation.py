@@ -58,7 +58,8 @@ def chain_ceiling(teacher_logits: jax.Array, spelling: DeviceSpelling, beam: int
         return jnp.log(mass.reshape(length, beam, -1)), in_prefix
 
     rows = search_rows(step, jnp.ones((length, beam, vocab_size), bool), spelling.k,
-                       spelling.pad_symbol, trie=spelling if constrained else None, beam=beam)
+                       spelling.pad_symbol, trie=spelling if constrained else None, beam=beam,
+                       unroll=False)
     return spelling.lookup(rows)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from spellm_jax import assets, runs, trainer
+from spellm_jax import assets, runs
 from spellm_jax.benchmarks import metrics
 from spellm_jax.benchmarks.harness import generate_ids
 from spellm_jax.benchmarks.models import load_run
@@ -29,22 +29,14 @@ from spellm_jax.benchmarks.scoring import (
     spells_target,
 )
 from spellm_jax.benchmarks.tasks import Item, TaskSpec, load_task, read_items, task_spec
-from tests.test_distill import tiny_config
 
 TEXTS = ["The quick brown fox jumps over the lazy", "To be, or not to be, that is the",
          "Once upon a time, there was a little girl who", "Photosynthesis converts light"]
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A 2-step tiny run of the chain decoder (its recurrence no longer zero) with the
-    in-training benchmark on (2 LAMBADA documents)."""
-    workdir = tmp_path_factory.mktemp("bench") / "run"
-    trainer.run(tiny_config(**{"train.steps": 2, "train.eval_every": 2, "benchmark.enabled": True,
-                               "benchmark.tasks": ("lambada",), "benchmark.limit": 2,
-                               "heads.kind": "chain", "train.fresh_lr_scale": 30.0}),
-                workdir)
-    return workdir
+def tiny_run(tiny_chain_run):
+    return tiny_chain_run[1]
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +211,7 @@ def test_pytorch_backend_matches_the_jax_backend(tiny_run, tiny_models, tmp_path
 def test_benchmark_command_and_in_training_subset(tiny_run, tmp_path):
     logged = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     scores = next(line for line in logged if "benchmark/lambada/acc" in line)
-    assert scores["step"] == 2
+    assert scores["step"] == 4
     for key in ("lambada/acc", "lambada/acc_free", "lambada/teacher_acc", "lambada/perplexity",
                 "lambada/teacher_bits_per_byte"):
         assert 0 <= scores[f"benchmark/{key}"] < np.inf, key

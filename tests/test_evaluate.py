@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spellm_jax import runs, trainer
+from spellm_jax import runs
 from spellm_jax.data import load_corpora
 from spellm_jax.data.last_word import last_word_items
 from spellm_jax.evaluation import EvalSettings, evaluate, independence_ceiling, matching_prefix
@@ -19,7 +19,6 @@ from spellm_jax.pretrained import build_model, build_spellm
 from spellm_jax.spelling import DeviceSpelling, Respeller, SpellingTable
 from spellm_jax.tokenizers import load_tokenizer
 from tests.oracles import TeacherOracle, with_decoder
-from tests.test_distill import tiny_config
 
 SHARES = ("free_agreement", "vocab_agreement", "ceiling_free_agreement", "ceiling_vocab_agreement",
           "exact_token_accuracy", "one_token_share", "several_tokens_share", "unusable_share")
@@ -30,16 +29,8 @@ def tokenizer():
     return load_tokenizer("smollm2")
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("evaluate") / "run"
-    config = tiny_config(**{"train.steps": 4, "train.eval_every": 100})
-    trainer.run(config, workdir)
-    return config, workdir
-
-
-def test_evaluate_reports_every_metric_in_range(tiny_run):
-    _, workdir = tiny_run
+def test_evaluate_reports_every_metric_in_range(tiny_chain_run):
+    _, workdir = tiny_chain_run
     command = [sys.executable, "-m", "spellm_jax.evaluate", f"--workdir={workdir}",
                "--prompts=4", "--new_tokens=8", "--real_text_rows=4", "--last_word_items=64",
                "--ceiling_ks=4,8"]
@@ -70,10 +61,10 @@ def test_evaluate_reports_every_metric_in_range(tiny_run):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_an_oracle_decoder_scores_perfectly(tiny_run):
+def test_an_oracle_decoder_scores_perfectly(tiny_chain_run):
     """A decoder that spells the teacher's greedy token agrees with the teacher wherever the
     table can spell that token as one token, and every symbol it writes is the target's."""
-    config, _ = tiny_run
+    config, _ = tiny_chain_run
     teacher = runs.load_teacher(config)
     spelling = SpellingTable.from_tokenizer(teacher.tokenizer, 16, teacher.config.vocab_size)
     model = build_spellm(teacher, spelling, HeadsConfig(16, spelling.num_symbols), prior_tokens=0)

@@ -18,20 +18,23 @@ from spellm_jax.torch_spellm import TorchSpeLLM
 from tests.test_distill import tiny_config
 
 PROMPTS = ["The quick brown fox", "To be, or not to be, that is the question:"]
-VARIANTS = {  # trained briefly so that every tensor differs from its initial value
-    "full": {},
+VARIANTS = {  # trained briefly so that every tensor differs from its initial value; and
+    "full": {},  # "chain": the session's `tiny_chain_run`
     "lora_shared_adapter": {"train.trainable": "lora", "heads.adapter": "shared",
                             "train.learning_rate": 3e-2},
-    "chain": {"heads.kind": "chain", "train.learning_rate": 3e-2},
 }
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS))
+@pytest.fixture(scope="module", params=[*VARIANTS, "chain"])
 def exported(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
-    config = tiny_config(**{"train.steps": 4, "train.eval_every": 100, **VARIANTS[request.param]})
-    trainer.run(config, root / "run")
-    model, tokenizer, spelling = runs.load_spellm(root / "run")
+    if request.param == "chain":  # the session's shared chain run
+        config, workdir = request.getfixturevalue("tiny_chain_run")
+    else:
+        config, workdir = tiny_config(**{"train.steps": 4, "train.eval_every": 100,
+                                         **VARIANTS[request.param]}), root / "run"
+        trainer.run(config, workdir)
+    model, tokenizer, spelling = runs.load_spellm(workdir)
     out = export_spellm(model, tokenizer, spelling, root / "exported", base_model=config.teacher)
     return model, tokenizer, spelling, out
 

@@ -112,20 +112,20 @@ class DeviceSpelling(nnx.Module):
                          jnp.take_along_axis(ids, jnp.argmax(same, axis=-1)[..., None], -1)[..., 0],
                          -1)
 
-    def trie_allowed(self, depth: int, lo: jax.Array) -> jax.Array:
+    def trie_allowed(self, depth: int | jax.Array, lo: jax.Array) -> jax.Array:
         """bool `[..., C]`: the symbols that can follow the prefix nodes starting at trie rows
         `lo` `[...]`, at position `depth`."""
         bits = self.trie_allowed_bits[...][depth][lo]  # [..., ceil(C / 8)]
         return jnp.unpackbits(bits, axis=-1, bitorder="little")[..., :self.num_symbols] > 0
 
-    def trie_narrow(self, depth: int, lo: jax.Array, hi: jax.Array, symbol: jax.Array
+    def trie_narrow(self, depth: int | jax.Array, lo: jax.Array, hi: jax.Array, symbol: jax.Array
                     ) -> tuple[jax.Array, jax.Array]:
         """The trie ranges `[lo, hi)` of the prefixes extended by `symbol` at `depth` (shapes
         broadcast together): a binary search within each range of the (there sorted) column."""
         return (self.trie_lower_bound(depth, lo, hi, symbol),
                 self.trie_lower_bound(depth, lo, hi, symbol + 1))
 
-    def trie_lower_bound(self, depth: int, lo: jax.Array, hi: jax.Array, value: jax.Array
+    def trie_lower_bound(self, depth: int | jax.Array, lo: jax.Array, hi: jax.Array, value: jax.Array
                          ) -> jax.Array:
         """The first trie row in `[lo, hi)` whose symbol at `depth` is at least `value` (`hi` if
         none), for rows whose first `depth` symbols are shared (so that column is sorted)."""

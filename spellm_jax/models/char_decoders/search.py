@@ -42,22 +42,20 @@ def _reorder(tree: Any, parents: jax.Array) -> Any:
 
 
 def search_rows(step: Step, state: Any, k: int, pad: int, *, trie: DeviceSpelling | None = None,
-                beam: int = 1, sampling: Sampling = GREEDY, key: jax.Array | None = None
-                ) -> jax.Array:
+                beam: int = 1, sampling: Sampling = GREEDY, key: jax.Array | None = None,
+                unroll: bool = True) -> jax.Array:
     """The best (or sampled) row `[N, k]` for each of N hidden states. `state` has leading
     dimensions `[N, beam]`. With a `trie` (the spelling's), only symbols that keep the row a
-    prefix of some vocabulary token are chosen, so the row spells exactly one token."""
+    prefix of some vocabulary token are chosen, so the row spells exactly one token. `unroll`:
+    the k symbol steps are unrolled (fastest to run: decoding), else one `lax.scan` step with a
+    traced `i` (fastest to compile: evaluation's ceilings)."""
     if beam > 1 and not sampling.greedy:
         raise ValueError("beam search is greedy; sample with beam=1.")
     constrained = trie is not None
     n = jax.tree.leaves(state)[0].shape[0]
-    score = jnp.where(jnp.arange(beam) == 0, 0.0, -jnp.inf)[None].repeat(n, 0)  # [N, B]
-    rows = jnp.full((n, beam, k), pad, jnp.int32)
-    done = jnp.zeros((n, beam), bool)
-    lo = jnp.zeros((n, beam), jnp.int32)
-    hi = jnp.full((n, beam), trie.trie_count if constrained else 0, jnp.int32)
-    previous = None
-    for i in range(k):
+
+    def advance(carry, previous, i):
+        score, rows, done, lo, hi, state = carry
         logits, state = step(state, previous, i)
         allowed = trie.trie_allowed(i, lo) if constrained else None
         log_probs = constrained_log_probs(logits.astype(jnp.float32), allowed)
@@ -67,7 +65,6 @@ def search_rows(step: Step, state: Any, k: int, pad: int, *, trie: DeviceSpellin
         if beam == 1:
             step_key = None if key is None else jax.random.fold_in(key, i)
             symbol = jnp.where(done, pad, sample(log_probs, step_key, sampling))
-            parents = jnp.zeros((n, 1), jnp.int32)
         else:
             candidates = (score[..., None] + log_probs).reshape(n, -1)  # [N, B * C]
             score, flat = jax.lax.top_k(candidates, beam)
@@ -76,8 +73,20 @@ def search_rows(step: Step, state: Any, k: int, pad: int, *, trie: DeviceSpellin
         rows = rows.at[..., i].set(symbol)
         if constrained:
             lo, hi = trie.trie_narrow(i, lo, hi, symbol)
-        done = done | (symbol == pad)
-        previous = symbol
+        return (score, rows, done | (symbol == pad), lo, hi, state), symbol
+
+    carry = (jnp.where(jnp.arange(beam) == 0, 0.0, -jnp.inf)[None].repeat(n, 0),  # scores [N, B]
+             jnp.full((n, beam, k), pad, jnp.int32), jnp.zeros((n, beam), bool),
+             jnp.zeros((n, beam), jnp.int32),
+             jnp.full((n, beam), trie.trie_count if constrained else 0, jnp.int32), state)
+    carry, previous = advance(carry, None, 0)
+    if unroll:
+        for i in range(1, k):
+            carry, previous = advance(carry, previous, i)
+    else:
+        (carry, previous), _ = jax.lax.scan(
+            lambda c, i: (advance(*c, i), None), (carry, previous), jnp.arange(1, k))
+    score, rows = carry[:2]
     best = jnp.argmax(score, axis=-1)
     return jnp.take_along_axis(rows, best[:, None, None], axis=1)[:, 0]
 
