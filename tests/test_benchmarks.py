@@ -85,9 +85,10 @@ def test_acc_and_acc_norm_on_a_hand_made_three_item_task():
     assert summary["acc"]["value"] == pytest.approx(1 / 3)
     assert summary["acc"]["stderr"] == pytest.approx(np.sqrt(1 / 3) / np.sqrt(3))
     assert summary["acc_norm"] == {"value": 1.0, "stderr": 0.0}
-    gap = metrics.gaps(values, {"acc": np.ones(3), "acc_norm": np.ones(3)})
+    gap = metrics.gaps(values, {"acc": np.ones(3), "acc_norm": np.array([0.0, 1.0, 0.0])})
     assert gap["acc"]["value"] == pytest.approx(-2 / 3)
     assert gap["acc"]["stderr"] == pytest.approx(np.sqrt(1 / 3) / np.sqrt(3))
+    assert gap["acc_norm"]["value"] == pytest.approx(2 / 3)  # against the reference's acc_norm
     assert "acc_norm" not in metrics.per_document(dataclasses.replace(spec, acc_norm=False),
                                                   items, scores, ())
 

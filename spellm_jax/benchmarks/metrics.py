@@ -84,9 +84,10 @@ def summary(values: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
     return out
 
 
-def reference_metric(name: str) -> str:
-    """The metric of the reference model that `name` is compared with (`acc_free` with `acc`)."""
-    return "acc" if name.startswith("acc") else name
+def reference_metric(name: str, reference: Mapping[str, object]) -> str:
+    """The metric of the `reference` model's metrics that `name` is compared with: the same one
+    where it has it, else its `acc` (LAMBADA's `acc_free` against the teacher's only accuracy)."""
+    return name if name in reference else "acc"
 
 
 def gaps(values: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
@@ -95,7 +96,7 @@ def gaps(values: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
     out = {}
     for name, column in values.items():
         if name.startswith("acc"):
-            difference = column - reference[reference_metric(name)]
+            difference = column - reference[reference_metric(name, reference)]
             out[name] = {"value": float(difference.mean()), "stderr": mean_stderr(difference)}
     if "log_likelihood" in values:
         n = len(values["log_likelihood"])

@@ -50,7 +50,7 @@ def markdown(results: dict[str, Any], title: str) -> str:
             cells = []
             for model in models:
                 metrics = entry["models"][model]
-                metric = metrics.get(name) or metrics[reference_metric(name)]
+                metric = metrics[reference_metric(name, metrics)]
                 cells.append(_format(name, metric["value"], metric["stderr"]))
             for model in others:
                 gap = entry["gaps"][model].get(name)
@@ -92,7 +92,7 @@ def bar_chart(results: dict[str, Any], path: Path, title: str) -> None:
         values, errors = [], []
         for task, name in groups:
             metrics = results["tasks"][task]["models"][model]
-            metric = metrics.get(name) or metrics[reference_metric(name)]
+            metric = metrics[reference_metric(name, metrics)]
             values.append(metric["value"])
             errors.append(metric["stderr"])
         axes.bar(np.arange(len(groups)) + (m - (len(models) - 1) / 2) * width, values, width,
