@@ -1,7 +1,6 @@
 """Eight simulated CPU devices (set before jax initialises) and shared fixtures."""
 
 import os
-import tempfile
 
 # Eight CPU devices for sharding tests. XLA:CPU's YNNPACK dot kernels accumulate fp32 less
 # precisely than Eigen (measured on SmolLM2-135M: 1.4e-4 vs 4e-5 max logit error against a
@@ -11,9 +10,6 @@ os.environ["XLA_FLAGS"] = (
     + " --xla_force_host_platform_device_count=8 --xla_cpu_experimental_ynn_fusion_type="
 ).strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# One compilation cache for the session and the commands it runs (a run resumed in the same test
-# compiles its step once), fresh for every session.
-os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="spellm_jax_test_xla_")
 
 from pathlib import Path
 
