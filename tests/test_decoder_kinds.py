@@ -1,6 +1,7 @@
 """A character decoder kind is one module: a trivial kind written only in this file (with its
-PyTorch twin) trains, decodes free and constrained, is evaluated and exports to PyTorch with no
-change anywhere else."""
+PyTorch twin) trains, decodes free and constrained and exports to PyTorch with no change anywhere
+else. (`evaluate` through the interface is test_evaluate's oracle decoder, also written only in
+the tests.)"""
 
 import jax
 import jax.numpy as jnp
@@ -11,11 +12,9 @@ from flax import nnx
 from torch import nn
 
 from spellm_jax import decoding, runs, trainer
-from spellm_jax.evaluation import EvalSettings, evaluate
 from spellm_jax.export import export_spellm, parity_with_torch
 from spellm_jax.models.char_decoders import HeadsConfig, register_decoder
 from spellm_jax.models.llama import RuntimeOptions
-from spellm_jax.pretrained import build_model
 from spellm_jax.spelling import DeviceSpelling, Respeller, SpellingTable
 from spellm_jax.torch_spellm import TorchSpeLLM, register_torch_decoder, token_scores
 from tests.test_distill import tiny_config
@@ -112,18 +111,6 @@ def test_a_kind_decodes_free_and_constrained(trained):
     for rule in (decoding.FreeRule(respeller=respeller), decoding.VocabRule()):
         generation = decoding.generate(model, prompts, 4, rule)
         assert generation.tokens == [[token] * 4] * 2 and generation.host_round_trips == 0
-
-
-def test_a_kind_is_evaluated(trained):
-    _, _, _, teacher, model, respeller = trained
-    teacher_model = build_model(teacher.config, RuntimeOptions(), teacher.params, teacher.source)
-    settings = EvalSettings(corpora=("shakespeare",), real_text_rows=2, prompts=2, new_tokens=4,
-                            last_word_items=8, ceiling_ks=(8,))
-    metrics = evaluate(model, teacher_model, respeller, settings)
-    continuations = metrics["continuations"]
-    assert continuations["positions"] == 8
-    assert continuations["one_token_share"] == 1.0
-    assert continuations["free_agreement"] == continuations["vocab_agreement"]
 
 
 def test_a_kind_exports_to_its_pytorch_twin(trained):

@@ -58,8 +58,8 @@ def random_batches(config, count=2, seed=0):
 
 
 @pytest.mark.parametrize(("trainable", "kind"), [
-    ("full", "independent"), ("heads", "independent"), ("top_layers", "independent"),
-    ("lora", "independent"), ("top_layers", "chain")])
+    ("full", "independent"), ("heads", "independent"), ("lora", "independent"),
+    ("top_layers", "chain")])
 def test_train_step_is_the_same_on_every_mesh(tiny_teacher, trainable, kind):
     config = tiny_config(**{"train.trainable": trainable, "train.top_layers": 1,
                             "train.grad_accum": 1 if trainable != "lora" else 2})
