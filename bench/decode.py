@@ -87,15 +87,22 @@ def torch_model(model, tokenizer, spelling):
         return AutoModelForCausalLM.from_pretrained(out).eval()
 
 
+# Free decoding respells strings that are not one token on device (the default) or, as before
+# that existed, through the tokenizer on the host (a round trip per such step).
+SPELLM_MODES = (("free", "device"), ("free", "tokenizer"), ("vocab", "device"))
+
+
 def spellm_modes(models: list, beams: list[int]):
-    """`(name, model, spelling, mode, beam)` of each SpeLLM mode to time: free and vocab for
-    every model, with each of `beams` for the chain kind (the kind that searches)."""
+    """`(name, model, spelling, mode, beam, respell)` of each SpeLLM mode to time: free (both
+    respell modes) and vocab for every model, with each of `beams` for the chain kind (the kind
+    that searches)."""
     for model, spelling in models:
         kind = model.heads_config.kind
         for beam in beams if kind == "chain" else [1]:
-            for mode in ("free", "vocab"):
-                yield f"{kind} {mode}" + (f" beam {beam}" if beam > 1 else ""), model, spelling, \
-                    mode, beam
+            for mode, respell in SPELLM_MODES:
+                name = (f"{kind} {mode}" + (f" beam {beam}" if beam > 1 else "")
+                        + (", tokenizer respell" if respell == "tokenizer" else ""))
+                yield name, model, spelling, mode, beam, respell
 
 
 def decode_timers(models: list, unfused, reference, tokenizer, prompts, beams: list[int]
@@ -126,8 +133,9 @@ def decode_timers(models: list, unfused, reference, tokenizer, prompts, beams: l
         return {"seconds": time.perf_counter() - start, "tokens": (out.shape[1] - ids.shape[1]) * len(ids)}
 
     timers = {"lm_head": jax_timer(decoding.LMHeadRule(), models[0][0])}
-    for name, model, spelling, mode, beam in spellm_modes(models, beams):
-        rule = decoding.rule_for(mode, respeller=Respeller(spelling, tokenizer), beam=beam)
+    for name, model, spelling, mode, beam, respell in spellm_modes(models, beams):
+        rule = decoding.rule_for(mode, respeller=Respeller(spelling, tokenizer), beam=beam,
+                                 respell=respell)
         timers[name] = jax_timer(rule, model)
     if unfused is not None:
         timers["lm_head_unfused"] = jax_timer(decoding.LMHeadRule(), unfused)
@@ -172,7 +180,9 @@ def time_heads(models: list, batch: int, beams: list[int], iterations: int = 200
     first = models[0][0]
     hidden = jax.random.normal(jax.random.key(0), (batch, first.config.hidden_size))
     functions = {"lm_head": jax.jit(lambda h: jnp.argmax(first.lm_logits(h), axis=-1))}
-    for name, model, _, mode, beam in spellm_modes(models, beams):
+    for name, model, _, mode, beam, respell in spellm_modes(models, beams):
+        if respell == "tokenizer":  # the output layer alone never respells
+            continue
         functions[name] = jax.jit(lambda h, m=model, c=mode == "vocab", b=beam: m.spelling.lookup(
             m.char_heads.choose(h, m.spelling, constrained=c, beam=b)))
     timings: dict[str, list[float]] = {name: [] for name in functions}

@@ -18,7 +18,7 @@ from flax import nnx, struct
 from spellm_jax import tokenizers
 from spellm_jax.models.llama import KVCache
 from spellm_jax.sampling import GREEDY, Sampling, sample
-from spellm_jax.spelling import Respeller
+from spellm_jax.spelling import RESPELL_MODES, Respeller
 
 PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this, so lengths share compilations
 
@@ -28,6 +28,8 @@ class OutputRule:
     token id of -1 asks the host (`host_ids`) to turn that row's string into input ids. Rules
     are frozen dataclasses: they are static arguments of the compiled loop, compared by their
     settings only."""
+
+    segments_on_device = False  # whether strings that are not one token become ids on device
 
     def row_width(self, model: nnx.Module) -> int:
         """Symbols per emitted row (1 for rules that emit no rows)."""
@@ -61,12 +63,23 @@ class _SpelledRule(OutputRule):
 @dataclasses.dataclass(frozen=True)
 class FreeRule(_SpelledRule):
     """SpeLLM free decoding: the decoder chooses a row of symbols (the best of `beam` strings
-    where it searches); the string (cut at the first PAD) is looked up on device, and strings
-    that are not one token go to the `respeller`."""
+    where it searches); the string (cut at the first PAD) is looked up on device. A string that
+    is not one token becomes several input ids by `respell` (`spelling.RESPELL_MODES`): on
+    device ("device", fed one per step of the loop) or through the `respeller`'s tokenizer on
+    the host ("tokenizer")."""
 
     sampling: Sampling = GREEDY
     respeller: Respeller | None = dataclasses.field(default=None, compare=False)
     beam: int = 1
+    respell: str = "device"
+
+    def __post_init__(self):
+        if self.respell not in RESPELL_MODES:
+            raise ValueError(f"respell={self.respell!r}; choose one of {', '.join(RESPELL_MODES)}.")
+
+    @property
+    def segments_on_device(self) -> bool:
+        return self.respell == "device"
 
     def __call__(self, model, hidden, key):
         rows = model.char_heads.choose(hidden, model.spelling, key, self.sampling,
@@ -77,7 +90,7 @@ class FreeRule(_SpelledRule):
         if self.respeller is None:
             raise ValueError("free decoding emitted a string that is not one token; give FreeRule "
                              "a Respeller (spelling table and tokenizer) to map it to input ids.")
-        return self.respeller.ids_for_row(row)
+        return self.respeller.ids_for_row(row, self.respell)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +120,9 @@ class DecodeState:
     step_tokens: jax.Array  # [B] tokens picked by the step that stopped for the host
     step_rows: jax.Array  # [B, k] their spelled rows
     needs_host: jax.Array  # [B]
+    queue: jax.Array  # [B, k + 1] input ids of a string segmented on device, fed one per step
+    queue_head: jax.Array  # [B] the next of them to feed
+    queue_size: jax.Array  # [B]
     key: jax.Array
 
 
@@ -139,8 +155,10 @@ def _feed(model, s: DecodeState, ids, mask, eos_ids, *, record: bool) -> DecodeS
     hidden, cache = model.model(ids, positions=positions, attention_mask=mask, cache=s.cache,
                                 write_index=s.slot, key_valid=key_valid)
     count = mask.sum(-1).astype(jnp.int32)
-    tokens, num_tokens, done = s.tokens, s.num_tokens, s.done
+    tokens, num_tokens, done, queue_head = s.tokens, s.num_tokens, s.done, s.queue_head
     if record:
+        queue_head = jnp.where((count > 0) & (queue_head < s.queue_size), queue_head + 1,
+                               queue_head)
         limit = tokens.shape[1]
         columns = jnp.where(mask, num_tokens[:, None] + jnp.cumsum(mask, axis=-1) - 1, limit)
         tokens = tokens.at[jnp.arange(batch)[:, None], columns].set(ids, mode="drop")
@@ -149,7 +167,8 @@ def _feed(model, s: DecodeState, ids, mask, eos_ids, *, record: bool) -> DecodeS
     return s.replace(cache=cache, key_valid=key_valid,
                      hidden=jnp.where((count > 0)[:, None], hidden[:, -1], s.hidden),
                      positions=s.positions + count, slot=s.slot + m, tokens=tokens,
-                     num_tokens=num_tokens, done=done, needs_host=jnp.zeros_like(s.needs_host))
+                     num_tokens=num_tokens, done=done, needs_host=jnp.zeros_like(s.needs_host),
+                     queue_head=queue_head)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "record"), donate_argnames=("s",))
@@ -165,13 +184,27 @@ def _active(s: DecodeState, max_new_tokens: int) -> jax.Array:
 
 
 def _choose(model, rule: OutputRule, s: DecodeState, max_new_tokens: int) -> DecodeState:
-    """Every row's next token from its hidden state, held in `step_tokens` / `step_rows` until it
-    is fed; active rows whose string is not one token are marked for the host."""
+    """Every row's next token, held in `step_tokens` / `step_rows` until it is fed: the next
+    queued id of a string segmented on device, else the rule's choice from the row's hidden
+    state. Active rows whose string is not one token are segmented on device where the rule
+    does that (their queue starts), else (or when nothing of it can be spelled) marked for the
+    host. Choosing again before feeding chooses the same."""
     key, step_key = jax.random.split(s.key)
     token, rows = rule(model, s.hidden, step_key)
-    return s.replace(step_tokens=token,
-                     step_rows=s.step_rows if rows is None else rows.astype(jnp.int32),
-                     needs_host=_active(s, max_new_tokens) & (token < 0), key=key)
+    rows = s.step_rows if rows is None else rows.astype(jnp.int32)
+    active = _active(s, max_new_tokens)
+    queue, head, size = s.queue, s.queue_head, s.queue_size
+    if rule.segments_on_device:
+        fresh = active & (head >= size) & (token < 0)
+        segmented, count = jax.lax.cond(
+            jnp.any(fresh), model.spelling.segment,
+            lambda r: (jnp.full(queue.shape, -1, jnp.int32), jnp.zeros_like(size)), rows)
+        queue = jnp.where(fresh[:, None], segmented, queue)
+        head, size = jnp.where(fresh, 0, head), jnp.where(fresh, count, size)
+    queued = head < size
+    token = jnp.where(queued, jnp.take_along_axis(queue, head[:, None], -1)[:, 0], token)
+    return s.replace(step_tokens=token, step_rows=rows, needs_host=active & (token < 0),
+                     queue=queue, queue_head=head, queue_size=size, key=key)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "rule", "max_new_tokens"),
@@ -258,7 +291,10 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens
         num_tokens=jnp.zeros((batch,), jnp.int32), done=jnp.zeros((batch,), bool),
         step_tokens=jnp.zeros((batch,), jnp.int32),
         step_rows=jnp.zeros((batch, row_width), jnp.int32),
-        needs_host=jnp.zeros((batch,), bool), key=jax.random.key(seed))
+        needs_host=jnp.zeros((batch,), bool),
+        queue=jnp.full((batch, row_width + 1), -1, jnp.int32),
+        queue_head=jnp.zeros((batch,), jnp.int32), queue_size=jnp.zeros((batch,), jnp.int32),
+        key=jax.random.key(seed))
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
     s = _feed_chunk(graphdef, state, s, jnp.asarray(ids), jnp.asarray(mask), eos, record=False)
     host_round_trips = cache_growths = 0
@@ -307,13 +343,14 @@ MODES = ("lm_head", "free", "vocab")
 
 
 def rule_for(mode: str, sampling: Sampling = GREEDY, respeller: Respeller | None = None,
-             beam: int = 1) -> OutputRule:
+             beam: int = 1, respell: str = "device") -> OutputRule:
     """The output rule of a decoding mode: `lm_head`, SpeLLM `free` (strings that are not one
-    token go to `respeller`) or SpeLLM `vocab`; `beam` strings where the decoder searches."""
+    token become ids by `respell`: on device, or on the host by `respeller`'s tokenizer) or SpeLLM
+    `vocab`; `beam` strings where the decoder searches."""
     if mode == "lm_head":
         return LMHeadRule(sampling)
     if mode == "free":
-        return FreeRule(sampling, respeller, beam)
+        return FreeRule(sampling, respeller, beam, respell)
     if mode == "vocab":
         return VocabRule(sampling, beam)
     raise ValueError(f"mode={mode!r}; choose one of {', '.join(MODES)}.")

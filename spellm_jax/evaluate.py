@@ -26,6 +26,9 @@ flags.DEFINE_integer("prompts", 32, "Held-out prompts continued greedily by teac
 flags.DEFINE_integer("new_tokens", 32, "Tokens per greedy continuation.")
 flags.DEFINE_integer("real_text_rows", 16, "Teacher-forced rows of held-out real text.")
 flags.DEFINE_integer("beam", 1, "Strings the SpeLLM's decoder searches per step (chain kind).")
+flags.DEFINE_enum("respell", "device", ["device", "tokenizer"],  # spelling.RESPELL_MODES
+                  "Free decoding's strings that are not one token: greedy longest match on "
+                  "device, or the tokenizer's ids on the host.")
 flags.DEFINE_list("ceiling_ks", ["4", "6", "8", "12", "16", "24"],
                   "k values at which the independence ceiling is computed.")
 
@@ -46,6 +49,8 @@ _ROWS = (  # (key, label, format)
     ("one_token_share", "emitted strings that are one token", "{:.1%}"),
     ("several_tokens_share", "emitted strings that are several tokens", "{:.1%}"),
     ("unusable_share", "emitted strings that are unusable", "{:.1%}"),
+    ("respell_modes_differ_share", "emitted strings the two respell modes segment differently",
+     "{:.1%}"),
     ("mean_input_tokens_per_step", "mean input tokens per step", "{:.3f}"),
     ("free_median_matching_prefix", "median tokens before diverging from the teacher, free", "{:g}"),
     ("vocab_median_matching_prefix", "the same, vocabulary-constrained", "{:g}"),
@@ -133,8 +138,7 @@ def main(argv: list[str]) -> None:
         corpora=tuple(config.data.corpora), prompts=FLAGS.prompts, new_tokens=FLAGS.new_tokens,
         prompt_tokens=config.data.prompt_tokens, real_text_rows=FLAGS.real_text_rows,
         last_word_items=FLAGS.last_word_items, ceiling_ks=tuple(map(int, FLAGS.ceiling_ks)),
-        beam=FLAGS.beam,
-        seed=config.seed)
+        beam=FLAGS.beam, respell=FLAGS.respell, seed=config.seed)
     metrics = evaluate(run.spellm, run.teacher, Respeller(run.spelling, run.tokenizer), settings)
     metrics["source"] = str(Path(source).resolve())
     out = Path(FLAGS.out or Path(FLAGS.workdir or Path(source).parent.parent) / "eval")

@@ -25,7 +25,7 @@ from spellm_jax import decoding, tokenizers
 from spellm_jax.data.last_word import LastWordItem
 from spellm_jax.metrics import continuation_rows, spelled_choices
 from spellm_jax.models.char_decoders.search import search_rows
-from spellm_jax.spelling import DeviceSpelling, Respeller, SpellingTable
+from spellm_jax.spelling import RESPELL_MODES, DeviceSpelling, Respeller, SpellingTable
 
 CEILING_KS = (4, 6, 8, 12, 16, 24)
 CHAIN_BEAMS = (1, 2, 4)  # beams of the chain ceiling
@@ -141,22 +141,26 @@ def position_outputs(spellm, teacher, rows: np.ndarray, progress: str | None = N
                     progress)
 
 
-def emitted_strings(free_rows: np.ndarray, free_tokens: np.ndarray, respeller: Respeller
-                    ) -> dict[str, float]:
+def emitted_strings(free_rows: np.ndarray, free_tokens: np.ndarray, respeller: Respeller,
+                    respell: str = "device") -> dict[str, float]:
     """What free decoding would feed back for each emitted row: shares of rows that are one token,
-    several input tokens (through the tokenizer), or nothing usable; mean input ids per step."""
+    several input tokens (segmented by `respell`), or nothing usable; mean input ids per step;
+    and the share of rows the two respell modes segment differently."""
     counts = np.where(free_tokens >= 0, 1, 0)
+    differ = np.zeros(len(free_tokens), bool)
     for index in np.flatnonzero(free_tokens < 0):
-        counts[index] = len(respeller.ids_for_row(free_rows[index]))
+        ids = {mode: respeller.ids_for_row(free_rows[index], mode) for mode in RESPELL_MODES}
+        counts[index], differ[index] = len(ids[respell]), len(set(map(tuple, ids.values()))) > 1
     one = free_tokens >= 0
     return {"one_token_share": float(one.mean()),
             "several_tokens_share": float((~one & (counts > 0)).mean()),
             "unusable_share": float((counts == 0).mean()),
+            "respell_modes_differ_share": float(differ.mean()),
             "mean_input_tokens_per_step": float(counts.mean())}
 
 
 def agreement_metrics(outputs: dict[str, np.ndarray], mask: np.ndarray, ids: np.ndarray,
-                      respeller: Respeller) -> dict[str, float]:
+                      respeller: Respeller, respell: str = "device") -> dict[str, float]:
     """Everything measured at the masked positions of teacher-forced rows `ids` `[N, T]` (a
     position predicts the next token; targets are the teacher's argmax there)."""
     mask, spelling = mask.astype(bool), respeller.spelling
@@ -185,7 +189,8 @@ def agreement_metrics(outputs: dict[str, np.ndarray], mask: np.ndarray, ids: np.
         "teacher_bits_per_byte": float(-outputs["teacher_logp"][mask].sum() * nats_to_bits
                                        / num_bytes),
     }
-    return metrics | emitted_strings(outputs["free_rows"][mask], outputs["free"][mask], respeller)
+    return metrics | emitted_strings(outputs["free_rows"][mask], outputs["free"][mask], respeller,
+                                     respell)
 
 
 def ceiling_against_k(teacher, tokenizer, vocab_size: int, rows: np.ndarray, mask: np.ndarray,
@@ -212,12 +217,13 @@ def matching_prefix(reference: Sequence[int], other: Sequence[int]) -> int:
 
 
 def greedy_continuations(spellm, teacher, prompts, new_tokens: int, respeller: Respeller,
-                         eos_ids: Sequence[int], pad_id: int, beam: int = 1
-                         ) -> dict[str, list[list[int]]]:
-    """Greedy continuations of `prompts` by the teacher (LM head) and by the SpeLLM (free, vocab;
-    the best of `beam` strings per step where the decoder searches)."""
+                         eos_ids: Sequence[int], pad_id: int, beam: int = 1,
+                         respell: str = "device") -> dict[str, list[list[int]]]:
+    """Greedy continuations of `prompts` by the teacher (LM head) and by the SpeLLM (free, with
+    strings that are not one token segmented by `respell`; vocab; the best of `beam` strings per
+    step where the decoder searches)."""
     runs = {"teacher": (teacher, decoding.LMHeadRule()),
-            "free": (spellm, decoding.FreeRule(respeller=respeller, beam=beam)),
+            "free": (spellm, decoding.FreeRule(respeller=respeller, beam=beam, respell=respell)),
             "vocab": (spellm, decoding.VocabRule(beam=beam))}
     return {name: decoding.generate(model, prompts, new_tokens, rule, eos_ids=eos_ids,
                                     pad_id=pad_id).tokens for name, (model, rule) in runs.items()}
@@ -270,6 +276,7 @@ class EvalSettings:
     ceiling_ks: tuple[int, ...] = CEILING_KS
     seed: int = 0
     beam: int = 1  # strings the SpeLLM's decoder searches per step (chain kind)
+    respell: str = "device"  # free decoding's strings that are not one token: spelling.RESPELL_MODES
 
 
 def _real_text_rows(documents: dict[str, str], tokenizer, settings: EvalSettings
@@ -294,15 +301,16 @@ def evaluate(spellm, teacher, respeller: Respeller, settings: EvalSettings) -> d
     documents = load_corpora(settings.corpora, "heldout")
     rows, mask = _real_text_rows(documents, tokenizer, settings)
     outputs = position_outputs(spellm, teacher, rows, "real text", beam=settings.beam)
-    real_text = agreement_metrics(outputs, mask, rows, respeller)
+    real_text = agreement_metrics(outputs, mask, rows, respeller, settings.respell)
 
     prompts = evaluation_prompts(settings.corpora, tokenizer, settings.prompts,
                                  settings.prompt_tokens, settings.seed)
     generations = greedy_continuations(spellm, teacher, prompts, settings.new_tokens, respeller,
-                                       list(spellm.config.eos_token_ids), pad_id, settings.beam)
+                                       list(spellm.config.eos_token_ids), pad_id, settings.beam,
+                                       settings.respell)
     rows, mask = continuation_rows(prompts, generations["teacher"], pad_id)
     outputs = position_outputs(spellm, teacher, rows, "continuations", beam=settings.beam)
-    continuations = agreement_metrics(outputs, mask, rows, respeller)
+    continuations = agreement_metrics(outputs, mask, rows, respeller, settings.respell)
     for mode in ("free", "vocab"):
         prefixes = [matching_prefix(reference, other) for reference, other
                     in zip(generations["teacher"], generations[mode], strict=True)]

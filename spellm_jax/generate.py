@@ -28,6 +28,9 @@ flags.DEFINE_enum("mode", "lm_head", ["lm_head", "free", "vocab"],  # decoding.M
 flags.DEFINE_string("checkpoint", None, "A trained SpeLLM (training workdir or checkpoint dir).")
 flags.DEFINE_integer("k", 16, "Character heads of an untrained SpeLLM built from --source.")
 flags.DEFINE_integer("beam", 1, "Strings the decoder searches per step (chain kind; 1: greedy).")
+flags.DEFINE_enum("respell", "device", ["device", "tokenizer"],  # spelling.RESPELL_MODES
+                  "--mode=free: a string that is not one token becomes input ids on device "
+                  "(greedy longest match) or by the tokenizer on the host.")
 
 
 def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
@@ -62,7 +65,7 @@ def main(argv: list[str]) -> None:
     prompts = encode_prompts(tokenizer, FLAGS.prompt, FLAGS.chat)
     sampling = Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
     respeller = None if spelling is None else Respeller(spelling, tokenizer)
-    rule = decoding.rule_for(FLAGS.mode, sampling, respeller, FLAGS.beam)
+    rule = decoding.rule_for(FLAGS.mode, sampling, respeller, FLAGS.beam, FLAGS.respell)
     start = time.time()
     outputs = decoding.generate(model, prompts, FLAGS.max_new_tokens, rule,
                                 eos_ids=list(model.config.eos_token_ids),

@@ -293,22 +293,25 @@ class TorchSpeLLM(nn.Module):
         hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return self.decoder.logits(hidden, rows)
 
-    def next_ids(self, hidden: torch.Tensor, mode: Mode, beam: int = 1) -> list[int]:
-        """The input ids that follow the final hidden state `[d]` of one row (greedy)."""
+    def next_ids(self, hidden: torch.Tensor, mode: Mode, beam: int = 1, respell: str = "device"
+                 ) -> list[int]:
+        """The input ids that follow the final hidden state `[d]` of one row (greedy); a free
+        string that is not one token becomes ids by `respell`, as in `decoding.FreeRule`."""
         if mode == "lm_head":
             return [int(self.lm.lm_head(hidden).argmax())]
         if mode == "vocab":
             row = self.decoder.choose(hidden, constrained=True, beam=beam)
             return [self.spelling.token_for_row(row.tolist())]
         if mode == "free":
-            return self.respeller.ids_for_row(self.decoder.choose(hidden, beam=beam).tolist())
+            return self.respeller.ids_for_row(self.decoder.choose(hidden, beam=beam).tolist(),
+                                              respell)
         raise ValueError(f"mode={mode!r}; choose 'free', 'vocab' or 'lm_head'.")
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, mode: Mode = "free",
-                 beam: int = 1) -> list[list[int]]:
+                 beam: int = 1, respell: str = "device") -> list[list[int]]:
         """New token ids for each prompt (ending with the EOS id if one was produced); `beam`
-        strings per step where the decoder searches."""
+        strings per step where the decoder searches, `respell` as in `decoding.FreeRule`."""
         outputs = []
         for prompt in prompts:
             if not prompt:
@@ -316,7 +319,7 @@ class TorchSpeLLM(nn.Module):
             step = self.lm.model(input_ids=torch.tensor([list(prompt)]), use_cache=True)
             new: list[int] = []
             while len(new) < max_new_tokens:
-                ids = self.next_ids(step.last_hidden_state[0, -1], mode, beam)
+                ids = self.next_ids(step.last_hidden_state[0, -1], mode, beam, respell)
                 new += ids
                 if self.eos_ids.intersection(ids):
                     break

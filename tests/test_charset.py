@@ -241,6 +241,43 @@ def test_host_row_lookup_matches_the_device_lookup(fast_vocab):
             assert _spelled(spelling, ids) == bytes(b for b in text if b in single_bytes)
 
 
+REAL_TEXT = ("Photosynthèse — 光合作用 — converts light into chemical energy, wrote Dr. O'Neil "
+             "in 1897: «the leaf is a factory». Ça va? Нет. def f(x):\n\treturn x ** 2\n")
+
+
+def test_device_segmentation_spells_every_row_as_its_host_twin_does(fast_vocab):
+    """`DeviceSpelling.segment` (free decoding's on-device respelling) gives exactly the host's
+    `ids_for_row(row, "device")` for rows of random bytes, of real text, ended by a special
+    symbol or followed by noise after PAD; the ids spell the row's bytes, less those no token
+    is spelled as, then the special token."""
+    spelling, tokenizer = fast_vocab.spelling, fast_vocab.tokenizer
+    rng, k, text = np.random.default_rng(1), spelling.k, REAL_TEXT.encode()
+    rows = np.full((384, k), spelling.pad_symbol, np.int32)
+    lengths = rng.integers(1, k + 1, len(rows))
+    for index, n in enumerate(lengths):
+        start = rng.integers(0, len(text) - n)
+        rows[index, :n] = rng.integers(0, 256, n) if index < 128 else list(text[start:start + n])
+        if n < k and index % 3 == 0:
+            rows[index, n] = spelling.special_symbol(spelling.special_ids[index % 2])
+        if n < k - 1 and index % 4 == 1:
+            rows[index, n + 1:] = rng.integers(0, spelling.num_symbols, k - n - 1)
+    ids, counts = (np.asarray(x) for x in DeviceSpelling.of(spelling).segment(rows))
+    single_bytes = {s[0] for s in spelling.spellings if len(s) == 1}
+    host, differ = respeller(spelling, tokenizer), 0
+    for row, row_ids, count in zip(rows, ids, counts, strict=True):
+        on_device = row_ids[:count].tolist()
+        assert on_device == host.ids_for_row(row, "device"), row
+        assert (row_ids[count:] == -1).all()
+        data, special = spelling.unspell(row)
+        tail = [] if special is None else [special]
+        assert on_device[len(on_device) - len(tail):] == tail
+        spelled = on_device[:len(on_device) - len(tail)]
+        assert _spelled(spelling, spelled) == bytes(b for b in data if b in single_bytes)
+        assert all(spelling.lengths[i] <= k and i not in spelling.special_ids for i in spelled)
+        differ += on_device != host.ids_for_row(row, "tokenizer")
+    print(f"{fast_vocab.name}: the tokenizer segments {differ} of {len(rows)} rows differently")
+
+
 def test_canonical_prefers_real_pieces_over_byte_fallback(mistral):
     spelling = mistral.spelling
     piece_a = mistral.tokenizer.convert_tokens_to_ids("a")

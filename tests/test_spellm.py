@@ -47,7 +47,10 @@ def test_oracle_heads_reproduce_teacher_greedy_generation(smollm2_spellm):
         assert generation.tokens == teacher and generation.host_round_trips == 0, rule
 
 
-def test_out_of_vocabulary_strings_fall_back_to_the_tokenizer(smollm2_spellm):
+def test_strings_that_are_not_one_token_are_respelled_on_device_or_by_the_tokenizer(
+        smollm2_spellm):
+    """At batch 8, a string that is not one token becomes its tokens on device, in the loop (no
+    host round trip), or through the tokenizer on the host (one round trip per string)."""
     model, tokenizer, spelling = smollm2_spellm
     text = " the cat"
     expected = tokenizer(text)["input_ids"]
@@ -56,17 +59,21 @@ def test_out_of_vocabulary_strings_fall_back_to_the_tokenizer(smollm2_spellm):
     row = np.full(spelling.k, spelling.pad_symbol)
     row[:len(text)] = list(text.encode())
     fixed = with_decoder(model, FixedString(model.heads_config, row))
-    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS[:2]]
-    got = decoding.generate(fixed, prompts, 7, decoding.FreeRule(respeller=respeller))
-    assert got.tokens == [(expected * 4)[:7]] * 2 and got.host_round_trips == 4
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS[:2]] * 4
+    for respell, round_trips in (("device", 0), ("tokenizer", 4)):
+        rule = decoding.FreeRule(respeller=respeller, respell=respell)
+        got = decoding.generate(fixed, prompts, 7, rule)
+        assert got.tokens == [(expected * 4)[:7]] * 8 and got.host_round_trips == round_trips
     # Bytes followed by a special symbol: the bytes' tokens, then the special token, then stop.
     eos = model.config.eos_token_ids[0]
     row = np.full(spelling.k, spelling.pad_symbol)
     row[:3] = [*b"ok", spelling.special_symbol(eos)]
     fixed = with_decoder(model, FixedString(model.heads_config, row))
-    got = decoding.generate(fixed, prompts, 7, decoding.FreeRule(respeller=respeller),
-                            eos_ids=[eos])
-    assert got.tokens == [[*tokenizer("ok")["input_ids"], eos]] * 2
+    for respell in ("device", "tokenizer"):
+        got = decoding.generate(fixed, prompts, 7, decoding.FreeRule(respeller=respeller,
+                                                                     respell=respell),
+                                eos_ids=[eos])
+        assert got.tokens == [[*tokenizer("ok")["input_ids"], eos]] * 8, respell
 
 
 def test_lm_head_mean_heads_agree_with_teacher_far_above_chance(smollm2_spellm):

@@ -4,7 +4,7 @@ bytes, coverage and the choice of k, strings back to ids, and the table's device
 
 from spellm_jax.spelling.coverage import choose_k, coverage, coverage_report
 from spellm_jax.spelling.pieces import NUM_BYTE_SYMBOLS, UnsupportedTokenizerError, tokenizer_kind
-from spellm_jax.spelling.respell import Respeller
+from spellm_jax.spelling.respell import RESPELL_MODES, Respeller
 from spellm_jax.spelling.table import (
     MAX_K,
     SPELLING_FILE,
@@ -13,8 +13,8 @@ from spellm_jax.spelling.table import (
 )
 
 __all__ = [
-    "MAX_K", "NUM_BYTE_SYMBOLS", "SPELLING_FILE", "DeviceSpelling", "Respeller", "SpellingTable",
-    "SpellingTableMismatchError", "UnsupportedTokenizerError", "choose_k", "coverage",
+    "MAX_K", "NUM_BYTE_SYMBOLS", "RESPELL_MODES", "SPELLING_FILE", "DeviceSpelling", "Respeller",
+    "SpellingTable", "SpellingTableMismatchError", "UnsupportedTokenizerError", "choose_k", "coverage",
     "coverage_report", "tokenizer_kind",
 ]
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from spellm_jax.spelling.pieces import NUM_BYTE_SYMBOLS
 from spellm_jax.spelling.table import SpellingTable
 from spellm_jax.spelling.trie import PrefixTrie
 
@@ -111,6 +112,46 @@ class DeviceSpelling(nnx.Module):
         return jnp.where(jnp.any(same, axis=-1),
                          jnp.take_along_axis(ids, jnp.argmax(same, axis=-1)[..., None], -1)[..., 0],
                          -1)
+
+    def segment(self, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Input ids `[..., k + 1]` and their count `[...]` whose spellings concatenate to each
+        row's bytes (those before its first PAD or special symbol), by greedy longest match over
+        the tokens spelled in full; a byte that starts no token's spelling is dropped, and the
+        special symbol that ended the bytes adds its token. The on-device twin of
+        `Respeller.ids_for_row(row, respell="device")`: no host round trip for strings that are
+        not one token."""
+        k, pad = self.k, self.pad_symbol
+        lead = rows.shape[:-1]
+        rows = canonical_rows(rows, pad).reshape(-1, k)
+        n = jnp.sum(jnp.cumprod(rows < NUM_BYTE_SYMBOLS, axis=-1), axis=-1)  # [N] bytes
+        offsets = jnp.arange(k)
+        prefix = offsets[None, :] <= offsets[:, None]  # [L, j]: symbol j in the prefix of L + 1
+
+        def longest_match(_, carry):
+            start, ids, count = carry
+            window = jnp.take_along_axis(rows, jnp.minimum(start[:, None] + offsets, k - 1), -1)
+            window = jnp.where(start[:, None] + offsets < n[:, None], window, pad)
+            candidates = self.lookup(jnp.where(prefix, window[:, None, :], pad))  # [N, L]
+            fits = ((candidates >= 0) & (offsets + 1 <= (n - start)[:, None])
+                    & (self.lengths[...][jnp.maximum(candidates, 0)] == offsets + 1))
+            longest = k - 1 - jnp.argmax(fits[:, ::-1], axis=-1)
+            found, live = jnp.any(fits, axis=-1), start < n
+            token = jnp.take_along_axis(candidates, longest[:, None], -1)[:, 0]
+            write = live & found
+            ids = ids.at[jnp.arange(len(ids)), jnp.where(write, count, k + 1)].set(
+                token, mode="drop")
+            return (jnp.where(live, start + jnp.where(found, longest + 1, 1), start), ids,
+                    count + write)
+
+        empty = jnp.full((len(rows), k + 1), -1, jnp.int32)
+        zeros = jnp.zeros(len(rows), jnp.int32)
+        _, ids, count = jax.lax.fori_loop(0, k, longest_match, (zeros, empty, zeros))
+        ender = jnp.take_along_axis(rows, jnp.minimum(n, k - 1)[:, None], -1)[:, 0]
+        special = self.lookup(jnp.full_like(rows, pad).at[:, 0].set(ender))
+        ended = (n < k) & (ender != pad)
+        ids = ids.at[jnp.arange(len(ids)), jnp.where(ended, count, k + 1)].set(special, mode="drop")
+        count = count + ended
+        return ids.reshape(*lead, k + 1), count.reshape(lead)
 
     def trie_allowed(self, depth: int | jax.Array, lo: jax.Array) -> jax.Array:
         """bool `[..., C]`: the symbols that can follow the prefix nodes starting at trie rows

@@ -10,13 +10,18 @@ import numpy as np
 
 from spellm_jax.spelling.table import SpellingTable
 
+# How an emitted string that is not one token becomes input ids: "device", greedy longest match
+# over the tokens' spellings (on device while decoding, no host round trip), or "tokenizer", the
+# tokenizer's own ids for the text where they spell it (a host round trip per such string).
+RESPELL_MODES = ("device", "tokenizer")
+
 
 class Respeller:
     """Maps byte strings and emitted rows of symbols to input ids of `spelling`'s vocabulary.
 
-    A string that is one token's spelling becomes that token; otherwise the tokenizer's own ids
-    for it when they spell it exactly (`tokenizer` may be None), else a greedy longest match over
-    the spellings.
+    A string that is one token's spelling becomes that token; otherwise (`respell="tokenizer"`)
+    the tokenizer's own ids for it when they spell it exactly (`tokenizer` may be None), else a
+    greedy longest match over the spellings, which is all `respell="device"` uses.
     """
 
     def __init__(self, spelling: SpellingTable, tokenizer: Any = None):
@@ -64,13 +69,19 @@ class Respeller:
             data = data[consumed:]
         return ids
 
-    def ids_for_row(self, symbols: Iterable[int] | np.ndarray) -> list[int]:
+    def ids_for_row(self, symbols: Iterable[int] | np.ndarray, respell: str = "tokenizer"
+                    ) -> list[int]:
         """Input ids for an emitted row of symbols: its token when it spells one, else its bytes
-        (lossily, see `ids_for_bytes_lossy`) followed by the special token that ended them."""
+        (lossily: bytes no token can spell are dropped) by the `respell` mode, followed by the
+        special token that ended them. `"device"` is the host twin of `DeviceSpelling.segment`."""
+        if respell not in RESPELL_MODES:
+            raise ValueError(f"respell={respell!r}; choose one of {', '.join(RESPELL_MODES)}.")
         if (token := self.spelling.token_for_row(symbols)) is not None:
             return [token]
         text, special = self.spelling.unspell(symbols)
-        return self.ids_for_bytes_lossy(text) + ([] if special is None else [special])
+        ids = (self._greedy_ids(text, drop_unspellable=True) if respell == "device"
+               else self.ids_for_bytes_lossy(text))
+        return ids + ([] if special is None else [special])
 
     def _spells(self, ids: Sequence[int], data: bytes) -> bool:
         """Whether `ids` are non-special tokens whose spellings concatenate to `data`."""
@@ -79,7 +90,9 @@ class Respeller:
             return False
         return b"".join(spelling.spellings[i] for i in ids) == data
 
-    def _greedy_ids(self, data: bytes) -> list[int]:
+    def _greedy_ids(self, data: bytes, drop_unspellable: bool = False) -> list[int]:
+        """Greedy longest match of `data` over the spellings; a byte that starts none is an
+        error, or dropped."""
         index, ids, start = self._ids_by_spelling, [], 0
         while start < len(data):
             for end in range(min(len(data), start + self.spelling.longest_spelling), start, -1):
@@ -88,6 +101,9 @@ class Respeller:
                     start = end
                     break
             else:
+                if drop_unspellable:
+                    start += 1
+                    continue
                 raise ValueError(
                     f"byte 0x{data[start]:02x} (offset {start}) is not the start of any token's "
                     f"spelling in this {self.spelling.kind} vocabulary, so the text cannot be mapped "
