@@ -1,6 +1,11 @@
 """Eight simulated CPU devices (set before jax initialises) and shared fixtures."""
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
 
 # Eight CPU devices for sharding tests. XLA:CPU's YNNPACK dot kernels accumulate fp32 less
 # precisely than Eigen (measured on SmolLM2-135M: 1.4e-4 vs 4e-5 max logit error against a
@@ -11,9 +16,17 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pathlib import Path
+# One persistent XLA compilation cache per test session, empty at its start, inherited by the
+# command-line subprocesses: a program compiled once (the tiny train step, the scorers) is
+# read back by every later run of it, in process or not (about a fifth of test_train's time).
+_COMPILATION_CACHE = tempfile.mkdtemp(prefix="spellm_jax_xla_cache_")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _COMPILATION_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
-import pytest
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_COMPILATION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
