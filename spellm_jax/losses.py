@@ -4,10 +4,12 @@ argmax, computed a chunk of positions at a time."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from spellm_jax.models.char_decoders import CharDecoder
 from spellm_jax.spelling import DeviceSpelling
@@ -21,6 +23,9 @@ class LossConfig:
     hard_weight: float = 0.0
     temperature: float = 1.0
     chunk_size: int = 128  # sequence positions whose [B, chunk, V] teacher logits exist at once
+    # Keep each chunk's targets (k x C floats per position) for the backward pass rather than
+    # recomputing the teacher's logits and targets there: faster, at that much activation memory.
+    save_targets: bool = True
 
     def __post_init__(self) -> None:
         if self.soft_weight < 0 or self.hard_weight < 0 or self.soft_weight + self.hard_weight == 0:
@@ -30,6 +35,8 @@ class LossConfig:
             raise ValueError("loss temperature must be > 0 and chunk_size >= 1.")
 
 
+# What a chunk's backward pass reads from its forward pass when `save_targets` is set.
+TEACHER_RESIDUALS = ("target_rows", "soft_targets", "loss_weights")
 SCALAR_METRICS = ("loss", "soft_kl", "hard_ce", "exact_token_acc", "truncated_share")
 PER_HEAD_METRICS = ("soft_kl_per_head", "head_acc")
 
@@ -38,12 +45,15 @@ def position_losses(decoder: CharDecoder, hidden: jax.Array, teacher_logits: jax
                     spelling: DeviceSpelling, config: LossConfig) -> dict[str, jax.Array]:
     """Per-position losses and metrics (`SCALAR_METRICS` `[...]`, `PER_HEAD_METRICS` `[..., k]`)
     of the decoder on hidden states `[..., d]` against the teacher's logits `[..., V]`."""
-    teacher_logits = jnp.where(spelling.valid[...], teacher_logits.astype(jnp.float32), -jnp.inf)
-    teacher_probs = jax.nn.softmax(teacher_logits / config.temperature, axis=-1)
-    teacher_token = jnp.argmax(teacher_logits, axis=-1)
-    target_rows = spelling.rows_of(teacher_token)  # [..., k]
-    targets = decoder.soft_targets(teacher_probs, target_rows, spelling)  # [..., k, C]
-    weights = decoder.loss_weights(target_rows, spelling)  # [..., k]
+    scaled = jnp.where(spelling.valid[...],
+                       teacher_logits.astype(jnp.float32) / config.temperature, -jnp.inf)
+    teacher_token = jnp.argmax(scaled, axis=-1)
+    # Proportional to the teacher's probabilities: the targets normalise, so no pass divides.
+    token_weights = jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True))
+    target_rows = checkpoint_name(spelling.rows_of(teacher_token), "target_rows")  # [..., k]
+    targets = checkpoint_name(decoder.soft_targets(token_weights, target_rows, spelling),
+                              "soft_targets")  # [..., k, C]
+    weights = checkpoint_name(decoder.loss_weights(target_rows, spelling), "loss_weights")
     char_logits = decoder.logits(hidden, target_rows)
     student_log_probs = jax.nn.log_softmax(char_logits / config.temperature, axis=-1)
     soft_per_head = jnp.sum(
@@ -72,7 +82,9 @@ def chunked_distillation_loss(student_hidden: jax.Array, teacher_hidden: jax.Arr
 
     `teacher_head(h) -> [..., V]` maps final hidden states `[B, T, d]` to the teacher's logits;
     each chunk is rematerialised in the backward pass, so only one chunk's `[B, chunk, V]` teacher
-    logits exist at any time. Returns the loss and summed metrics.
+    logits exist at any time; with `config.save_targets` the backward pass reads the chunk's
+    targets (`TEACHER_RESIDUALS`) instead of recomputing the teacher's logits. Returns the loss
+    and summed metrics.
     """
     batch, length, _ = student_hidden.shape
     chunk = min(config.chunk_size, length)
@@ -83,7 +95,10 @@ def chunked_distillation_loss(student_hidden: jax.Array, teacher_hidden: jax.Arr
     def split(x):
         return x.reshape(batch, num_chunks, chunk, *x.shape[2:]).swapaxes(0, 1)
 
-    @jax.checkpoint
+    policy = (jax.checkpoint_policies.save_only_these_names(*TEACHER_RESIDUALS)
+              if config.save_targets else None)
+
+    @functools.partial(jax.checkpoint, policy=policy)
     def chunk_sums(carry, xs):
         h_student, h_teacher, m = xs
         per_position = position_losses(decoder, h_student,

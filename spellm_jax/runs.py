@@ -52,7 +52,7 @@ def distill_spec(config: ml_collections.ConfigDict) -> DistillSpec:
     loss = config.loss
     return DistillSpec(config.train.trainable, config.train.top_layers,
                        LossConfig(loss.soft_weight, loss.hard_weight, loss.temperature,
-                                  loss.chunk_size), config.train.grad_accum)
+                                  loss.chunk_size, loss.save_targets), config.train.grad_accum)
 
 
 def load_teacher(config: ml_collections.ConfigDict) -> Pretrained:

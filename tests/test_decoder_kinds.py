@@ -50,8 +50,9 @@ class FixedToken(nnx.Module):
         scores = spelling.token_scores(jax.nn.log_softmax(self.logits(hidden), axis=-1))
         return jax.nn.log_softmax(scores, axis=-1)
 
-    def soft_targets(self, token_probs, rows, spelling: DeviceSpelling):
-        return spelling.symbol_marginals(token_probs)
+    def soft_targets(self, token_weights, rows, spelling: DeviceSpelling):
+        marginals = spelling.symbol_marginals(token_weights)
+        return marginals / marginals.sum(-1, keepdims=True)
 
     def loss_weights(self, rows, spelling):
         return jnp.ones(rows.shape, jnp.float32)

@@ -74,6 +74,7 @@ class DeviceSpelling(nnx.Module):
         self.trie_tokens = SpellingConstant(jnp.full((vocab_size,), -1, jnp.int32))
         self.trie_allowed_bits = SpellingConstant(
             jnp.zeros((k, vocab_size, (num_symbols + 7) // 8), jnp.uint8))
+        self.trie_child_starts = SpellingConstant(jnp.zeros((k, vocab_size + 1), jnp.int32))
 
     @classmethod
     def of(cls, spelling: SpellingTable) -> DeviceSpelling:
@@ -86,7 +87,8 @@ class DeviceSpelling(nnx.Module):
                             ("lengths", np.asarray(spelling.lengths, np.int32)),
                             ("hashes", hashes), ("ids", ids), ("trie_rows", trie.rows),
                             ("trie_tokens", trie.tokens),
-                            ("trie_allowed_bits", trie.allowed)):
+                            ("trie_allowed_bits", trie.allowed),
+                            ("trie_child_starts", trie.child_starts)):
             getattr(device, name).set_value(jnp.asarray(value))
         return device
 
@@ -183,13 +185,13 @@ class DeviceSpelling(nnx.Module):
         bounds = (jnp.broadcast_to(lo, shape), jnp.broadcast_to(hi, shape))
         return jax.lax.fori_loop(0, iterations, halve, bounds)[0]
 
-    def symbol_marginals(self, token_probs: jax.Array) -> jax.Array:
-        """`q_i(c) = Σ_{v: spell(v)_i = c} p(v)`: a segment-sum of `[..., V]` probabilities over
+    def symbol_marginals(self, token_weights: jax.Array) -> jax.Array:
+        """`q_i(c) = Σ_{v: spell(v)_i = c} w(v)`: a segment-sum of `[..., V]` token weights over
         the table, giving `[..., k, C]`. Among factorized distributions `∏_i q_i`, these marginals
-        minimise `KL(p ‖ ∏_i q_i)`."""
+        of the probabilities minimise `KL(p ‖ ∏_i q_i)`."""
         table = self.table[...]
-        lead = token_probs.shape[:-1]
-        flat = token_probs.reshape(-1, token_probs.shape[-1]).T  # [V, N]
+        lead = token_weights.shape[:-1]
+        flat = token_weights.reshape(-1, token_weights.shape[-1]).T  # [V, N]
         per_head = [jax.ops.segment_sum(flat, table[:, i], num_segments=self.num_symbols)
                     for i in range(self.k)]  # k x [C, N]
         return jnp.stack(per_head).transpose(2, 0, 1).reshape(*lead, self.k, self.num_symbols)

@@ -17,12 +17,16 @@ class PrefixTrie:
     sorts last; tokens that share a row, truncated ones, side by side), then filler rows of C
     (past every symbol); `tokens` `[V]`: their ids (-1 for filler). A prefix of length i is the
     range `[lo, hi)` of rows that start with it, and `allowed` `[k, V, ceil(C / 8)]` (bits,
-    little-endian) holds at `[i, lo]` the symbols that some row of that range has at position i."""
+    little-endian) holds at `[i, lo]` the symbols that some row of that range has at position i.
+    `child_starts` `[k, V + 1]` lists at `[i]` the first rows of the prefixes of length i + 1, in
+    order, then `count` (so a prefix's children are a contiguous run of that list, and each ends
+    where the next begins)."""
 
     rows: np.ndarray
     tokens: np.ndarray
     count: int  # rows that are tokens
     allowed: np.ndarray
+    child_starts: np.ndarray
     num_symbols: int
 
     @classmethod
@@ -37,6 +41,7 @@ class PrefixTrie:
         tokens = np.full(vocab_size, -1, np.int32)
         tokens[:count] = ids
         allowed = np.zeros((k, vocab_size, (c + 7) // 8), np.uint8)
+        child_starts = np.full((k, vocab_size + 1), count, np.int32)
         index = np.arange(count)
         new_prefix = index == 0  # row j starts a new prefix of length i (length 0: only row 0)
         for i in range(k):
@@ -46,7 +51,9 @@ class PrefixTrie:
             allowed[i] = np.packbits(bits, axis=1, bitorder="little")
             if count:
                 new_prefix = new_prefix | np.concatenate([[True], table[1:, i] != table[:-1, i]])
-        return cls(rows, tokens, count, allowed, c)
+            starts = np.flatnonzero(new_prefix)
+            child_starts[i, :len(starts)] = starts
+        return cls(rows, tokens, count, allowed, child_starts, c)
 
     def allowed_symbols(self, depth: int, lo: int) -> np.ndarray:
         """bool `[C]`: the symbols that can follow the prefix node starting at row `lo`."""

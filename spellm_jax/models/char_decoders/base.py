@@ -75,10 +75,10 @@ class CharDecoder(Protocol):
         decoder's distribution restricted to the vocabulary (bits per byte, benchmarks)."""
         ...
 
-    def soft_targets(self, token_probs: jax.Array, rows: jax.Array, spelling: DeviceSpelling
+    def soft_targets(self, token_weights: jax.Array, rows: jax.Array, spelling: DeviceSpelling
                      ) -> jax.Array:
-        """The distillation targets `[..., k, C]` for the teacher's token probabilities `[..., V]`,
-        along the target rows `[..., k]`."""
+        """The distillation targets `[..., k, C]` (each head's a distribution) for token weights
+        `[..., V]` proportional to the teacher's probabilities, along the target rows `[..., k]`."""
         ...
 
     def loss_weights(self, rows: jax.Array, spelling: DeviceSpelling) -> jax.Array:

@@ -11,6 +11,8 @@ prefix.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -23,29 +25,65 @@ from spellm_jax.models.llama import RuntimeOptions
 from spellm_jax.sampling import GREEDY, Sampling
 from spellm_jax.spelling import DeviceSpelling
 
+PREFIX_SUM_BLOCK = 64
 
-def chain_targets(token_probs: jax.Array, rows: jax.Array, spelling: DeviceSpelling) -> jax.Array:
+
+@dataclasses.dataclass(frozen=True)
+class BlockPrefixSums:
+    """Prefix sums of each row of `[N, V]` kept as sums within blocks of `PREFIX_SUM_BLOCK`
+    (one matmul with a triangular matrix) and each block's offset: on CPU a fraction of the time
+    of `jnp.cumsum`'s log-depth scan over V, and never a second `[N, V]` pass to add offsets."""
+
+    within: jax.Array  # [N, V']: inclusive sums inside each block (V' = V padded to blocks)
+    offsets: jax.Array  # [N, V' / block]: the sum of all earlier blocks
+
+    @classmethod
+    def of(cls, x: jax.Array) -> BlockPrefixSums:
+        n, v = x.shape
+        blocks = jnp.pad(x, ((0, 0), (0, -v % PREFIX_SUM_BLOCK))).reshape(n, -1, PREFIX_SUM_BLOCK)
+        triangle = jnp.triu(jnp.ones((PREFIX_SUM_BLOCK, PREFIX_SUM_BLOCK), x.dtype))
+        within = jnp.einsum("nbi,ij->nbj", blocks, triangle, precision=jax.lax.Precision.HIGHEST)
+        totals = within[..., -1]
+        return cls(within.reshape(n, -1), jnp.cumsum(totals, axis=-1) - totals)
+
+    def before(self, index: jax.Array) -> jax.Array:
+        """`Σ_{j < index} x[n, j]` for indices `[N, M]`."""
+        last = jnp.maximum(index - 1, 0)
+        total = (jnp.take_along_axis(self.within, last, -1)
+                 + jnp.take_along_axis(self.offsets, last // PREFIX_SUM_BLOCK, -1))
+        return jnp.where(index > 0, total, 0.0)
+
+
+def chain_targets(token_weights: jax.Array, rows: jax.Array, spelling: DeviceSpelling
+                  ) -> jax.Array:
     """`q_i(c | rows_<i)` `[..., k, C]`: the mass of the tokens whose rows continue `rows[..., :i]`
     with c, over the mass of the tokens whose rows start with it; PAD gets the mass of the tokens
-    equal to the prefix. In the trie's order every prefix is a contiguous range of tokens, so a
-    prefix's mass is a difference of one cumulative sum: O(V) per position for the sum, then
-    binary searches (no `[..., V, k]` array, no per-head pass over the vocabulary)."""
+    equal to the prefix. `token_weights` `[..., V]` need only be proportional to the teacher's
+    probabilities. In the trie's order every prefix is a contiguous range of tokens and its
+    children a contiguous run of `trie_child_starts`, so each child's mass is a difference of
+    prefix sums: O(V) per position for the sums, then O(C) lookups per head (no `[..., V, k]`
+    array, no per-head pass over the vocabulary)."""
     k, c = spelling.k, spelling.num_symbols
-    lead = token_probs.shape[:-1]
-    probs = token_probs.reshape(-1, token_probs.shape[-1])  # [N, V]
+    lead, vocab_size = token_weights.shape[:-1], token_weights.shape[-1]
+    weights = token_weights.reshape(-1, vocab_size)  # [N, V]
+    n = len(weights)
     rows = rows.reshape(-1, k)
-    ordered = jnp.where(spelling.trie_tokens[...] >= 0, probs[:, spelling.trie_tokens[...]], 0.0)
-    cumulative = jnp.concatenate([jnp.zeros_like(ordered[:, :1]), jnp.cumsum(ordered, -1)], -1)
-    lo = jnp.zeros((len(probs), 1), jnp.int32)
-    hi = jnp.full((len(probs), 1), spelling.trie_count, jnp.int32)
-    symbols = jnp.arange(c + 1)[None]
+    trie_tokens = spelling.trie_tokens[...]
+    sums = BlockPrefixSums.of(jnp.where(trie_tokens >= 0, weights[:, trie_tokens], 0.0))
+    lo = jnp.zeros((n, 1), jnp.int32)
+    hi = jnp.full((n, 1), spelling.trie_count, jnp.int32)
+    children, positions = jnp.arange(c)[None], jnp.arange(n)[:, None]
     targets = []
     for i in range(k):
-        # Symbol c's range ends where c + 1's begins: C + 1 searches give all C ranges.
-        bounds = spelling.trie_lower_bound(i, lo, hi, symbols)  # [N, C + 1]
-        at = jnp.take_along_axis(cumulative, bounds, -1)
-        mass = jnp.maximum(at[:, 1:] - at[:, :-1], 0.0)
-        targets.append(mass / jnp.maximum(mass.sum(-1, keepdims=True), 1e-30))
+        starts = spelling.trie_child_starts[...][i]  # [V + 1]
+        first, stop = jnp.searchsorted(starts, lo), jnp.searchsorted(starts, hi)  # [N, 1]
+        child = jnp.minimum(first + children, vocab_size - 1)  # [N, C]: the prefix's children
+        present = first + children < stop
+        begin, end = starts[child], starts[child + 1]
+        mass = jnp.maximum(sums.before(end) - sums.before(begin), 0.0)
+        symbol = jnp.where(present, spelling.trie_rows[...][begin, i], c)  # c: dropped
+        target = jnp.zeros((n, c), weights.dtype).at[positions, symbol].add(mass, mode="drop")
+        targets.append(target / jnp.maximum(target.sum(-1, keepdims=True), 1e-30))
         lo, hi = spelling.trie_narrow(i, lo, hi, rows[:, i:i + 1])
     return jnp.stack(targets, axis=1).reshape(*lead, k, c)
 
@@ -131,9 +169,9 @@ class ChainHeads(IndependentHeads):
         return forced_log_probs(step, state, rows.reshape(-1, self.config.k),
                                 spelling.pad_symbol, trie=spelling).reshape(hidden.shape[:-1])
 
-    def soft_targets(self, token_probs: jax.Array, rows: jax.Array, spelling: DeviceSpelling
+    def soft_targets(self, token_weights: jax.Array, rows: jax.Array, spelling: DeviceSpelling
                      ) -> jax.Array:
-        return chain_targets(token_probs, rows, spelling)
+        return chain_targets(token_weights, rows, spelling)
 
     def loss_weights(self, rows: jax.Array, spelling: DeviceSpelling) -> jax.Array:
         """Positions past the target's first PAD carry no loss (the row has ended)."""

@@ -135,11 +135,12 @@ class IndependentHeads(nnx.Module):
         """`Σ_i log q_i(spell(v)_i)` for every token v `[..., V]` (a gather, no `d x V` matmul)."""
         return spelling.token_scores(jax.nn.log_softmax(self.logits(hidden), axis=-1))
 
-    def soft_targets(self, token_probs: jax.Array, rows: jax.Array, spelling: DeviceSpelling
+    def soft_targets(self, token_weights: jax.Array, rows: jax.Array, spelling: DeviceSpelling
                      ) -> jax.Array:
         """The teacher's per-position symbol marginals (the rows do not matter)."""
         del rows
-        return spelling.symbol_marginals(token_probs)
+        marginals = spelling.symbol_marginals(token_weights)
+        return marginals / jnp.maximum(marginals.sum(-1, keepdims=True), 1e-30)
 
     def loss_weights(self, rows: jax.Array, spelling: DeviceSpelling) -> jax.Array:
         """Every head carries loss, PAD positions included (they predict the end of the token)."""
