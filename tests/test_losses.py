@@ -6,6 +6,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from spellm_jax.losses import LossConfig, chunked_distillation_loss
@@ -90,3 +91,73 @@ def test_chunked_loss_equals_unchunked_loss_and_gradients():
     for name, value in whole_metrics.items():
         np.testing.assert_allclose(chunk_metrics[name], value, rtol=1e-5, atol=1e-6)
     assert float(whole_metrics["tokens"]) == float(mask.sum())
+
+
+def running_prefix_targets(token_weights, rows, spelling: DeviceSpelling, chain: bool):
+    """The targets by their definition: head i's segment-sum of the teacher's probabilities over
+    the tokens whose rows start with `rows[..., :i]` (chain) or over every token (independent)."""
+    k, c = spelling.k, spelling.num_symbols
+    table = spelling.table[...]
+    probs = token_weights.reshape(-1, token_weights.shape[-1])
+    probs = probs / probs.sum(-1, keepdims=True)
+    rows = rows.reshape(-1, k)
+    in_prefix = jnp.ones(probs.shape, bool)
+    heads = []
+    for i in range(k):
+        mass = jax.vmap(lambda p, m, i=i: jax.ops.segment_sum(jnp.where(m, p, 0.0), table[:, i],
+                                                              num_segments=c))(probs, in_prefix)
+        heads.append(mass / mass.sum(-1, keepdims=True))
+        if chain:
+            in_prefix &= table[:, i][None] == rows[:, i:i + 1]
+    return jnp.stack(heads, 1).reshape(*token_weights.shape[:-1], k, c)
+
+
+class DefinitionTargets:
+    """A decoder whose soft targets come from `running_prefix_targets`, all else its own."""
+
+    def __init__(self, decoder, chain: bool):
+        self.decoder, self.chain = decoder, chain
+
+    def __getattr__(self, name):
+        return getattr(self.decoder, name)
+
+    def soft_targets(self, token_weights, rows, spelling):
+        return running_prefix_targets(token_weights, rows, spelling, self.chain)
+
+
+@pytest.mark.parametrize("kind", ["independent", "chain"])
+def test_the_loss_on_the_real_vocabulary_equals_its_definition_with_gradients(kind):
+    """On SmolLM2's table (truncated and duplicate rows, invalid tokens): the trie's prefix sums
+    (chain) and segment-sums (independent) give the loss and gradients of the targets' definition,
+    whether the backward pass reads saved targets or recomputes the teacher."""
+    from spellm_jax.models.char_decoders import build_decoder
+    from spellm_jax.spelling import SpellingTable
+    from spellm_jax.tokenizers import load_tokenizer
+
+    table = SpellingTable.from_tokenizer(load_tokenizer("smollm2"), 16)
+    spelling = DeviceSpelling.of(table)
+    rng = np.random.RandomState(6)
+    d, batch, length = 32, 2, 16
+    hidden = jnp.asarray(rng.normal(size=(batch, length, d)), jnp.float32)
+    teacher_w = jnp.asarray(rng.normal(0, 0.6, size=(d, table.vocab_size)), jnp.float32)
+    decoder = build_decoder(d, HeadsConfig(16, table.num_symbols, kind=kind, init="normal"),
+                            RuntimeOptions(), nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(decoder, nnx.Param, ...)
+    params = jax.tree.map(lambda p: jnp.asarray(rng.normal(0, 0.2, p.shape), p.dtype), params)
+    mask = jnp.asarray(rng.rand(batch, length) > 0.2)
+
+    def loss(params, save_targets: bool, definition: bool):
+        config = LossConfig(soft_weight=0.7, hard_weight=0.3, chunk_size=8,
+                            save_targets=save_targets)
+        heads = nnx.merge(graphdef, params, rest)
+        if definition:
+            heads = DefinitionTargets(heads, chain=kind == "chain")
+        return chunked_distillation_loss(hidden, hidden, heads, lambda h: h @ teacher_w,
+                                         spelling, mask, config)[0]
+
+    want, want_grad = jax.value_and_grad(loss)(params, False, True)
+    for save_targets in (True, False):
+        got, got_grad = jax.value_and_grad(loss)(params, save_targets, False)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()))
