@@ -77,11 +77,14 @@ def parity_with_torch(model, respeller, torch_spellm, prompts: list[list[int]], 
     """How closely the exported PyTorch SpeLLM follows the JAX one on `prompts`: the largest
     differences of the LM logits and of the (unmasked, greedy-row) character logits over every
     position, whether both mask the same symbols, and per decoding mode (and beam, as
-    `mode_beamB` for B > 1) whether `new_tokens` greedy tokens are identical for every prompt."""
+    `mode_beamB` for B > 1; free decoding respelled by the tokenizer too, as
+    `..._respell_tokenizer`) whether `new_tokens` greedy tokens are identical for every prompt,
+    and how often that tokenizer path stopped for the host (`respelled_on_host`)."""
     import jax.numpy as jnp
     import torch
 
     from spellm_jax import decoding
+    from spellm_jax.spelling import RESPELL_MODES
 
     lm_diff = chars_diff = 0.0
     same_masks = True
@@ -97,15 +100,20 @@ def parity_with_torch(model, respeller, torch_spellm, prompts: list[list[int]], 
         lm_diff = max(lm_diff, float(np.abs(torch_lm - np.asarray(model.lm_logits(hidden))).max()))
         chars_diff = max(chars_diff, float(np.abs(torch_chars - jax_chars)[unmasked].max()))
     eos = list(model.config.eos_token_ids)
-    identical = {}
+    identical, respelled_on_host = {}, 0
     for mode in decoding.MODES:
         for beam in beams if mode != "lm_head" else (1,):
-            rule = decoding.rule_for(mode, respeller=respeller, beam=beam)
-            expected = decoding.generate(model, prompts, new_tokens, rule, eos_ids=eos).tokens
-            got = torch_spellm.generate(prompts, new_tokens, mode=mode, beam=beam)
-            identical[mode if beam == 1 else f"{mode}_beam{beam}"] = got == expected
+            for respell in RESPELL_MODES if mode == "free" else ("device",):
+                rule = decoding.rule_for(mode, respeller=respeller, beam=beam, respell=respell)
+                expected = decoding.generate(model, prompts, new_tokens, rule, eos_ids=eos)
+                got = torch_spellm.generate(prompts, new_tokens, mode=mode, beam=beam,
+                                            respell=respell)
+                name = mode + (f"_beam{beam}" if beam > 1 else "")
+                name += "_respell_tokenizer" if respell == "tokenizer" else ""
+                identical[name] = got == expected.tokens
+                respelled_on_host += expected.host_round_trips if respell == "tokenizer" else 0
     return {"lm_max_diff": lm_diff, "chars_max_diff": chars_diff, "same_masks": same_masks,
-            "identical": identical}
+            "identical": identical, "respelled_on_host": respelled_on_host}
 
 
 flags.DEFINE_string("checkpoint", None, "A training workdir (its latest checkpoint) or "
