@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,6 +117,17 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
     for a, b in zip(jax.tree.leaves(restored[(8, 1, 1)]), jax.tree.leaves(restored[(2, 2, 2)]),
                     strict=True):
         assert np.array_equal(a, b)
+
+
+def test_a_run_recorded_before_a_loss_option_existed_still_loads(tiny_chain_run, tmp_path):
+    _, workdir = tiny_chain_run
+    old = shutil.copytree(workdir, tmp_path / "old")
+    metadata = json.loads((old / runs.METADATA_FILE).read_text())
+    del metadata["config"]["loss"]["save_targets"]
+    (old / runs.METADATA_FILE).write_text(json.dumps(metadata))
+    model, _, _ = runs.load_spellm(old)
+    reference, _, _ = runs.load_spellm(workdir)
+    assert np.array_equal(model.char_heads.kernel[...], reference.char_heads.kernel[...])
 
 
 def test_sigterm_mid_run_leaves_a_restorable_checkpoint(tmp_path):
