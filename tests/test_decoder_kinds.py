@@ -51,8 +51,7 @@ class FixedToken(nnx.Module):
         return jax.nn.log_softmax(scores, axis=-1)
 
     def soft_targets(self, token_weights, rows, spelling: DeviceSpelling):
-        marginals = spelling.symbol_marginals(token_weights)
-        return marginals / marginals.sum(-1, keepdims=True)
+        return spelling.symbol_marginals(token_weights)
 
     def loss_weights(self, rows, spelling):
         return jnp.ones(rows.shape, jnp.float32)

@@ -186,15 +186,17 @@ class DeviceSpelling(nnx.Module):
         return jax.lax.fori_loop(0, iterations, halve, bounds)[0]
 
     def symbol_marginals(self, token_weights: jax.Array) -> jax.Array:
-        """`q_i(c) = Σ_{v: spell(v)_i = c} w(v)`: a segment-sum of `[..., V]` token weights over
-        the table, giving `[..., k, C]`. Among factorized distributions `∏_i q_i`, these marginals
-        of the probabilities minimise `KL(p ‖ ∏_i q_i)`."""
+        """`q_i(c) = Σ_{v: spell(v)_i = c} p(v)` for token weights `[..., V]` proportional to
+        `p`: a segment-sum over the table, normalised per head, giving `[..., k, C]`. Among
+        factorized distributions `∏_i q_i`, these marginals minimise `KL(p ‖ ∏_i q_i)`."""
         table = self.table[...]
         lead = token_weights.shape[:-1]
         flat = token_weights.reshape(-1, token_weights.shape[-1]).T  # [V, N]
         per_head = [jax.ops.segment_sum(flat, table[:, i], num_segments=self.num_symbols)
                     for i in range(self.k)]  # k x [C, N]
-        return jnp.stack(per_head).transpose(2, 0, 1).reshape(*lead, self.k, self.num_symbols)
+        marginals = jnp.stack(per_head).transpose(2, 0, 1)
+        marginals = marginals / jnp.maximum(marginals.sum(-1, keepdims=True), 1e-30)
+        return marginals.reshape(*lead, self.k, self.num_symbols)
 
     def token_scores(self, symbol_scores: jax.Array) -> jax.Array:
         """`Σ_i s_i(spell(v)_i)` for every token v: `[..., k, C]` -> `[..., V]`, -inf for rows that

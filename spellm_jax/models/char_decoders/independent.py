@@ -139,8 +139,7 @@ class IndependentHeads(nnx.Module):
                      ) -> jax.Array:
         """The teacher's per-position symbol marginals (the rows do not matter)."""
         del rows
-        marginals = spelling.symbol_marginals(token_weights)
-        return marginals / jnp.maximum(marginals.sum(-1, keepdims=True), 1e-30)
+        return spelling.symbol_marginals(token_weights)
 
     def loss_weights(self, rows: jax.Array, spelling: DeviceSpelling) -> jax.Array:
         """Every head carries loss, PAD positions included (they predict the end of the token)."""
