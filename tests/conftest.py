@@ -1,5 +1,6 @@
 """Eight simulated CPU devices (set before jax initialises) and shared fixtures."""
 
+import gc
 import os
 import shutil
 import tempfile
@@ -27,6 +28,19 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_COMPILATION_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every compiled program after each test module. Each XLA:CPU executable holds
+    memory mappings; kept for the whole session they reached the kernel's limit
+    (vm.max_map_count = 65530: 64,414 mappings in the pytest process just before it) and the
+    next compilation aborted or segfaulted, in test_train, the last module."""
+    yield
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
