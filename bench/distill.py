@@ -50,7 +50,8 @@ def text_batch(tokenizer, batch: int, length: int) -> np.ndarray:
 
 def step_timer(config, teacher, spelling, mesh, input_ids) -> Callable[[], float]:
     """One train step of `config` (a fresh state, re-run from the same state each call)."""
-    setup = trainer.prepare(config, teacher, spelling, trainer.heads_config(config, spelling), mesh)
+    heads = trainer.heads_config(config, spelling.k, spelling.num_symbols)
+    setup = trainer.prepare(config, teacher, spelling, heads, mesh)
     batch = jax.device_put({"input_ids": jnp.asarray(input_ids),
                             "loss_mask": jnp.ones(input_ids.shape, bool)}, setup.batch_sharding)
     state = setup.state
@@ -67,7 +68,7 @@ def step_timer(config, teacher, spelling, mesh, input_ids) -> Callable[[], float
 
 def forward_timer(config, teacher, spelling, mesh, input_ids) -> Callable[[], float]:
     """The teacher's forward pass and next-token argmax at every position."""
-    heads = trainer.heads_config(config, spelling)
+    heads = trainer.heads_config(config, spelling.k, spelling.num_symbols)
     _, graphdef, params, rest, _ = trainer.build_student(config, teacher, spelling, heads, 0)
     params = jax.device_put(params, sharding.shardings_of(params, mesh))
     rest = jax.device_put(rest, sharding.shardings_of(rest, mesh))

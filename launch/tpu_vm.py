@@ -21,6 +21,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `python launch/tpu_vm.py` from a checkout
+    sys.path.insert(0, str(REPO_ROOT))
+from spellm_jax.aot.slices import slice_shape  # noqa: E402  (the slice table; no JAX)
+
 REPO_PATHS = ("pyproject.toml", "requirements.txt", "configs", "spellm_jax", "launch")
 REMOTE_DIR = "spellm_jax"  # on each worker, relative to the home directory
 SCRIPT = "launch/run_on_tpu.sh"
@@ -33,47 +37,14 @@ _TPU_VM = ["gcloud", "compute", "tpus", "tpu-vm"]
 _QUEUED = ["gcloud", "compute", "tpus", "queued-resources"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """How a TPU generation's accelerator-type suffix maps to hosts."""
-
-    cores_per_chip: int  # the suffix counts TensorCores (2 per chip) or chips (1)
-    max_single_host_chips: int  # slices up to this many chips run on one host
-    chips_per_host: int  # chips on each host of a larger (multi-host) slice
-    runtime_version: str  # the default TPU VM software version
-
-
-# The single source of slice shapes: v4-8 = 4 chips = 1 host, v4-32 = 4 hosts; v5litepod-8 =
-# 1 host of 8 chips, v5litepod-16 = 4 hosts of 4 chips; v5p like v4; v6e like v5litepod.
-FAMILIES: dict[str, Family] = {
-    "v4": Family(2, 4, 4, "tpu-ubuntu2204-base"),
-    "v5litepod": Family(1, 8, 4, "v2-alpha-tpuv5-lite"),
-    "v5p": Family(2, 4, 4, "v2-alpha-tpuv5"),
-    "v6e": Family(1, 8, 4, "v2-alpha-tpuv6e"),
-}
-
-
-def _family_and_chips(accelerator_type: str) -> tuple[Family, int]:
-    """The family of `accelerator_type` (e.g. "v4-8") and its number of chips."""
-    name, _, size = accelerator_type.partition("-")
-    family = FAMILIES.get(name)
-    if family and size.isdigit() and int(size) > 0 and int(size) % family.cores_per_chip == 0:
-        chips = int(size) // family.cores_per_chip
-        if chips <= family.max_single_host_chips or chips % family.chips_per_host == 0:
-            return family, chips
-    raise ValueError(f"unsupported accelerator type {accelerator_type!r}; supported families: "
-                     f"{', '.join(f'{name}-N' for name in FAMILIES)} (e.g. v4-8, v5litepod-16).")
-
-
 def num_workers(accelerator_type: str) -> int:
     """The number of hosts (TPU VM workers) in a slice of `accelerator_type`."""
-    family, chips = _family_and_chips(accelerator_type)
-    return 1 if chips <= family.max_single_host_chips else chips // family.chips_per_host
+    return slice_shape(accelerator_type).num_hosts
 
 
 def default_runtime_version(accelerator_type: str) -> str:
     """The TPU VM software version used when none is given."""
-    return _family_and_chips(accelerator_type)[0].runtime_version
+    return slice_shape(accelerator_type).family.runtime_version
 
 
 @dataclasses.dataclass(frozen=True)

@@ -56,6 +56,18 @@ def distill_spec(config: ml_collections.ConfigDict) -> DistillSpec:
                        config.train.grad_accum)
 
 
+def tiny_model_config(config: ml_collections.ConfigDict, vocab_size: int,
+                      eos_token_ids: tuple[int, ...]) -> ModelConfig:
+    """The architecture of `teacher=tiny_random`: `config.model.tiny` on a given vocabulary."""
+    tiny = config.model.tiny
+    return ModelConfig(
+        vocab_size=vocab_size, hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size, num_layers=tiny.num_layers,
+        num_heads=tiny.num_heads, num_kv_heads=tiny.num_kv_heads,
+        head_dim=tiny.hidden_size // tiny.num_heads, tie_word_embeddings=True,
+        eos_token_ids=eos_token_ids)
+
+
 def load_teacher(config: ml_collections.ConfigDict) -> Pretrained:
     """The frozen teacher of a config: a pretrained source, or a seeded random tiny model for
     tests (`teacher=tiny_random`, with the SmolLM2 tokenizer)."""
@@ -64,13 +76,7 @@ def load_teacher(config: ml_collections.ConfigDict) -> Pretrained:
     from spellm_jax.tokenizers import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2")
-    tiny = config.model.tiny
-    model_config = ModelConfig(
-        vocab_size=len(tokenizer), hidden_size=tiny.hidden_size,
-        intermediate_size=tiny.intermediate_size, num_layers=tiny.num_layers,
-        num_heads=tiny.num_heads, num_kv_heads=tiny.num_kv_heads,
-        head_dim=tiny.hidden_size // tiny.num_heads, tie_word_embeddings=True,
-        eos_token_ids=(tokenizer.eos_token_id,))
+    model_config = tiny_model_config(config, len(tokenizer), (tokenizer.eos_token_id,))
     model = LlamaForCausalLM(model_config, rngs=nnx.Rngs(config.seed))
     params = {k: np.asarray(v) for k, v in model_params(model).items()}
     return Pretrained(model_config, params, tokenizer, TINY_TEACHER)

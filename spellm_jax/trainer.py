@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -154,12 +155,20 @@ class Preempted:
         signal.signal(signal.SIGTERM, self.previous)
 
 
-def heads_config(config: ml_collections.ConfigDict, spelling: SpellingTable) -> HeadsConfig:
-    """The decoder a config asks for, on a spelling table."""
+def heads_config(config: ml_collections.ConfigDict, k: int, num_symbols: int) -> HeadsConfig:
+    """The decoder a config asks for, spelling k symbols from an alphabet of `num_symbols`."""
     heads = config.heads
-    return HeadsConfig(k=spelling.k, num_symbols=spelling.num_symbols, kind=heads.kind,
-                       use_bias=heads.use_bias, adapter=heads.adapter, init=heads.init,
+    return HeadsConfig(k=k, num_symbols=num_symbols, kind=heads.kind, use_bias=heads.use_bias,
+                       adapter=heads.adapter, init=heads.init,
                        recurrent_width=heads.recurrent_width)
+
+
+def optimizer_for(config: ml_collections.ConfigDict, decoder: type) -> optax.GradientTransformation:
+    """The run's optimizer; the `decoder` class names the parameters that start from scratch."""
+    train = config.train
+    return make_optimizer(train.learning_rate, train.warmup_steps, train.steps, train.weight_decay,
+                          train.grad_clip, fresh=decoder.FRESH_PARAMETERS,
+                          fresh_lr_scale=train.fresh_lr_scale)
 
 
 def build_student(config, teacher: Pretrained, spelling: SpellingTable, heads: HeadsConfig,
@@ -169,11 +178,20 @@ def build_student(config, teacher: Pretrained, spelling: SpellingTable, heads: H
     model = build_spellm(teacher, spelling, heads, runtime_options(config), seed=config.seed,
                          prior_tokens=prior_tokens)
     graphdef, params, rest = split_model(model, spec)
-    tx = make_optimizer(config.train.learning_rate, config.train.warmup_steps, config.train.steps,
-                        config.train.weight_decay, config.train.grad_clip,
-                        fresh=type(model.char_heads).FRESH_PARAMETERS,
-                        fresh_lr_scale=config.train.fresh_lr_scale)
-    return spec, graphdef, params, rest, tx
+    return spec, graphdef, params, rest, optimizer_for(config, type(model.char_heads))
+
+
+def jit_train_step(graphdef, tx: optax.GradientTransformation, spec, mesh, state_shardings,
+                   teacher_shardings, rest_shardings):
+    """`(step_fn, batch_sharding)`: the train step compiled for these layouts on `mesh`, the state
+    donated and the metric sums replicated."""
+    batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(("batch", "length")))
+    step_fn = jax.jit(functools.partial(train_step, graphdef, tx, spec),
+                      in_shardings=(state_shardings, teacher_shardings, rest_shardings,
+                                    batch_sharding),
+                      out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
+                      donate_argnums=(0,))
+    return step_fn, batch_sharding
 
 
 @dataclasses.dataclass
@@ -206,13 +224,9 @@ def prepare(config, teacher: Pretrained, spelling: SpellingTable, heads: HeadsCo
     opt_shardings = sharding.shardings_of(jax.eval_shape(tx.init, params), mesh)
     state = jax.tree.map(on_mesh, {"step": jnp.zeros((), jnp.int32), "params": params,
                                    "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(params)})
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(("batch", "length")))
-    step_fn = jax.jit(functools.partial(train_step, graphdef, tx, spec),
-                      in_shardings=(state_shardings, sharding.shardings_of(teacher_params, mesh),
-                                    sharding.shardings_of(rest, mesh), batch_sharding),
-                      out_shardings=(state_shardings, replicated),
-                      donate_argnums=(0,))
+    step_fn, batch_sharding = jit_train_step(
+        graphdef, tx, spec, mesh, jax.tree.map(lambda x: x.sharding, state),
+        sharding.shardings_of(teacher_params, mesh), sharding.shardings_of(rest, mesh))
     return Setup(graphdef, state, teacher_params, rest, step_fn, batch_sharding)
 
 
@@ -278,7 +292,7 @@ def start(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
     spelling = _spelling_for(config, teacher, dataset.tokens)
     if jax.process_index() == 0:
         spelling.save(workdir / SPELLING_FILE)
-    heads = heads_config(config, spelling)
+    heads = heads_config(config, spelling.k, spelling.num_symbols)
     metadata = {"config": json.loads(config.to_json_best_effort()),
                 "model_config": json.loads(teacher.config.to_json()),
                 "heads_config": dataclasses.asdict(heads), "teacher_source": teacher.source,

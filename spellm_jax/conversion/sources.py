@@ -55,7 +55,7 @@ def _log(message: str) -> None:
     print(f"spellm_jax: {message}", file=sys.stderr, flush=True)
 
 
-def _tokenizer_in(path: Path):
+def tokenizer_in(path: Path):
     """The tokenizer saved in a directory, or None when it holds none (weights-only dirs)."""
     from transformers import AutoTokenizer
 
@@ -67,7 +67,7 @@ def _tokenizer_in(path: Path):
 def _read_hf(path: Path, source: str) -> Pretrained:
     config = ModelConfig.from_hf(hf_dir.read_hf_config(path))
     params = mapping.from_hf(config, hf_dir.read_hf_tensors(path), source=str(path))
-    return Pretrained(config, params, _tokenizer_in(path), source, _spellm_parts_in(path))
+    return Pretrained(config, params, tokenizer_in(path), source, _spellm_parts_in(path))
 
 
 def _read_gguf(path: Path, source: str) -> Pretrained:
@@ -137,7 +137,7 @@ def read_converted(path: Path) -> Pretrained:
     meta = json.loads((path / CONVERTED_MARKER).read_text())
     config = ModelConfig.load(path / MODEL_CONFIG_FILE)
     params = {k: np.asarray(v) for k, v in restore_params(path / PARAMS_DIR).items()}
-    return Pretrained(config, params, _tokenizer_in(path), meta["source"], _spellm_parts_in(path))
+    return Pretrained(config, params, tokenizer_in(path), meta["source"], _spellm_parts_in(path))
 
 
 def converted_path(source: str) -> Path:
