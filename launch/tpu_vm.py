@@ -3,9 +3,11 @@ r"""Train a SpeLLM on a Cloud TPU VM slice with gcloud.
     python launch/tpu_vm.py up --name=spellm --zone=us-central2-b --accelerator_type=v4-8 \
         --preset=llama3_1b --workdir=gs://BUCKET/llama3_1b --dry_run
 
-Actions: create (and, for --queued, wait until the slice is provisioned), wait, copy (this
-repository's sources, and --hf_token_file, to every worker), setup (venv and jax[tpu] on every
-worker), train, logs, stop, delete, and up (create, copy, setup, train). The builders are pure
+Actions: compile_check (compile the preset's train step for the slice on this machine: does it
+fit the chips' memory?), create (and, for --queued, wait until the slice is provisioned), wait,
+copy (this repository's sources, and --hf_token_file, to every worker), setup (venv and jax[tpu]
+on every worker), train, logs, stop, delete, and up (compile_check unless --no_compile_check,
+create, copy, setup, train). The builders are pure
 functions returning a gcloud argv; `main` runs them in order, or only prints them with --dry_run.
 """
 
@@ -30,8 +32,9 @@ REMOTE_DIR = "spellm_jax"  # on each worker, relative to the home directory
 SCRIPT = "launch/run_on_tpu.sh"
 LOG_FILE = "spellm_train.log"  # in the workers' home directory: run_on_tpu.sh's LOG_FILE
 HF_TOKEN_FILE = ".cache/huggingface/token"  # where huggingface_hub looks, under the home directory
-ACTIONS = ("create", "wait", "copy", "setup", "train", "logs", "stop", "delete", "up")
-UP_ACTIONS = ("create", "copy", "setup", "train")
+ACTIONS = ("compile_check", "create", "wait", "copy", "setup", "train", "logs", "stop", "delete",
+           "up")
+UP_ACTIONS = ("compile_check", "create", "copy", "setup", "train")
 
 _TPU_VM = ["gcloud", "compute", "tpus", "tpu-vm"]
 _QUEUED = ["gcloud", "compute", "tpus", "queued-resources"]
@@ -153,6 +156,16 @@ def train_command(tpu: TpuSlice, preset: str, workdir: str, overrides: Mapping[s
     return ssh_command(tpu, _in_repo(remote_dir, command))
 
 
+def compile_check_command(tpu: TpuSlice, preset: str, overrides: Mapping[str, str] | None = None,
+                          local_dir: str | Path = REPO_ROOT) -> list[str]:
+    """Compiles the preset's train step for the slice here, before any slice exists: it fails
+    (with the numbers) when the step does not fit the chips' memory. Needs libtpu locally."""
+    flags = [f"--config.{key}={value}" for key, value in (overrides or {}).items()]
+    return [sys.executable, "-m", "spellm_jax.train",
+            f"--config={Path(local_dir) / 'configs' / 'llama.py'}:{preset}", "--compile_only",
+            f"--topology={tpu.accelerator_type}", *flags]
+
+
 def logs_command(tpu: TpuSlice, lines: int = 100, follow: bool = True) -> list[str]:
     """Shows the end of worker 0's training log (and keeps following it)."""
     tail = ["tail", "-n", str(lines), *(["-F"] if follow else []), LOG_FILE]
@@ -240,7 +253,11 @@ def plan(action: str, args: argparse.Namespace) -> list[Step]:
                    args.spot, args.queued)
     match action:
         case "up":
-            return [step for part in UP_ACTIONS for step in plan(part, args)]
+            parts = [part for part in UP_ACTIONS
+                     if part != "compile_check" or not args.no_compile_check]
+            return [step for part in parts for step in plan(part, args)]
+        case "compile_check":
+            return [compile_check_command(tpu, args.preset, dict(args.override), args.local_dir)]
         case "create":
             return [create_command(tpu), *plan("wait", args)]
         case "wait":
@@ -291,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--remote_dir", default=REMOTE_DIR, help="repository on the workers")
     parser.add_argument("--hf_token_file", help="copy this Hugging Face token file to the workers "
                         "(copy, up), for gated teachers; e.g. ~/.cache/huggingface/token")
+    parser.add_argument("--no_compile_check", action="store_true", help="up: skip compiling the "
+                        "train step for the slice here first (which needs libtpu)")
     parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
     return parser
 
@@ -301,6 +320,8 @@ def main(argv: Sequence[str] | None = None, runner: Runner = subprocess.run) -> 
     args = parser.parse_args(argv)
     if args.action in ("train", "up") and not (args.preset and args.workdir):
         parser.error(f"{args.action} needs --preset and --workdir")
+    if args.action == "compile_check" and not args.preset:
+        parser.error("compile_check needs --preset")
     try:
         steps = plan(args.action, args)
     except ValueError as error:

@@ -223,11 +223,23 @@ def _loop(graphdef, state, s: DecodeState, eos_ids, *, rule, max_new_tokens: int
         return jnp.any(_active(s, max_new_tokens)) & ~jnp.any(s.needs_host) & (s.slot < capacity)
 
     def body(s: DecodeState):
-        s = _feed(model, s, s.step_tokens[:, None], _active(s, max_new_tokens)[:, None], eos_ids,
-                  record=True)
-        return _choose(model, rule, s, max_new_tokens)
+        return _step(model, rule, s, eos_ids, max_new_tokens)
 
     return jax.lax.while_loop(cond, body, _choose(model, rule, s, max_new_tokens))
+
+
+def _step(model, rule: OutputRule, s: DecodeState, eos_ids, max_new_tokens: int) -> DecodeState:
+    """One token of the loop: feed the tokens chosen before, then choose the next ones."""
+    s = _feed(model, s, s.step_tokens[:, None], _active(s, max_new_tokens)[:, None], eos_ids,
+              record=True)
+    return _choose(model, rule, s, max_new_tokens)
+
+
+def decode_step(graphdef, state, s: DecodeState, eos_ids, *, rule: OutputRule,
+                max_new_tokens: int) -> DecodeState:
+    """One step of the compiled loop as a function of its own (`jax.jit` it to cost one token,
+    e.g. ahead of time for a TPU)."""
+    return _step(nnx.merge(graphdef, state), rule, s, eos_ids, max_new_tokens)
 
 
 def _host_chunk(s: DecodeState, max_new_tokens: int, rule: OutputRule, pad_id: int
@@ -268,21 +280,12 @@ class Generation:
     cache_growths: int = 0
 
 
-def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-             rule: OutputRule | None = None, *, eos_ids: Sequence[int] = (), pad_id: int = 0,
-             seed: int = 0) -> Generation:
-    """New tokens for each prompt by `rule` (the LM head by default). For speed, pass
-    `models.llama.fused_for_inference(model)`."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}; ask for at least one new token.")
-    rule = rule or LMHeadRule()
-    ids, mask = left_pad(prompts, pad_id)
-    batch, prompt_len = ids.shape
-    graphdef, state = nnx.split(model)
+def initial_state(model: nnx.Module, rule: OutputRule, batch: int, capacity: int,
+                  max_new_tokens: int, seed: int = 0) -> DecodeState:
+    """An empty decode state: a cache of `capacity` slots, nothing generated yet."""
     config, dtype = model.config, model.options.dtype
-    capacity = -(-(prompt_len + max_new_tokens + 1) // PROMPT_BUCKET) * PROMPT_BUCKET
     row_width = rule.row_width(model)
-    s = DecodeState(
+    return DecodeState(
         cache=KVCache.zeros(config, batch, capacity, dtype=dtype),
         key_valid=jnp.zeros((batch, capacity), bool), hidden=jnp.zeros((batch, config.hidden_size),
                                                                        dtype),
@@ -295,6 +298,21 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens
         queue=jnp.full((batch, row_width + 1), -1, jnp.int32),
         queue_head=jnp.zeros((batch,), jnp.int32), queue_size=jnp.zeros((batch,), jnp.int32),
         key=jax.random.key(seed))
+
+
+def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             rule: OutputRule | None = None, *, eos_ids: Sequence[int] = (), pad_id: int = 0,
+             seed: int = 0) -> Generation:
+    """New tokens for each prompt by `rule` (the LM head by default). For speed, pass
+    `models.llama.fused_for_inference(model)`."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}; ask for at least one new token.")
+    rule = rule or LMHeadRule()
+    ids, mask = left_pad(prompts, pad_id)
+    batch, prompt_len = ids.shape
+    graphdef, state = nnx.split(model)
+    capacity = -(-(prompt_len + max_new_tokens + 1) // PROMPT_BUCKET) * PROMPT_BUCKET
+    s = initial_state(model, rule, batch, capacity, max_new_tokens, seed)
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
     s = _feed_chunk(graphdef, state, s, jnp.asarray(ids), jnp.asarray(mask), eos, record=False)
     host_round_trips = cache_growths = 0

@@ -6,6 +6,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,7 +124,7 @@ def test_every_multi_host_worker_command_targets_all_workers():
                        and step[:5] in ([*TPU_VM, "ssh"], [*TPU_VM, "scp"])]
     assert len(worker_commands) == 4  # clean, copy, setup, train
     assert all("--worker=all" in step for step in worker_commands)
-    assert isinstance(steps[1], tpu_vm.WaitUntilActive)  # a queued slice is waited for
+    assert isinstance(steps[2], tpu_vm.WaitUntilActive)  # after the compile check and create
 
 
 def test_hf_token_is_copied_to_every_worker():
@@ -160,12 +161,37 @@ def test_dry_run_prints_and_runs_nothing(capsys):
                         "--local_dir=/src", "--dry_run"], runner=never_run)
     assert code == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 6
-    assert lines[0] == shlex.join(tpu_vm.create_command(V5E_QUEUED))
-    assert lines[1].startswith(shlex.join(tpu_vm.queued_state_command(V5E_QUEUED)) + "  # ")
-    assert lines[3] == shlex.join(tpu_vm.copy_repo_command(V5E_QUEUED, "/src"))
-    assert shlex.split(lines[5]) == tpu_vm.train_command(
+    assert len(lines) == 7
+    # First the train step is compiled for the slice here, with the same overrides.
+    assert shlex.split(lines[0]) == [
+        sys.executable, "-m", "spellm_jax.train", "--config=/src/configs/llama.py:llama3_1b",
+        "--compile_only", "--topology=v5litepod-16", "--config.train.steps=5",
+        "--config.teacher=a b"]
+    assert lines[1] == shlex.join(tpu_vm.create_command(V5E_QUEUED))
+    assert lines[2].startswith(shlex.join(tpu_vm.queued_state_command(V5E_QUEUED)) + "  # ")
+    assert lines[4] == shlex.join(tpu_vm.copy_repo_command(V5E_QUEUED, "/src"))
+    assert shlex.split(lines[6]) == tpu_vm.train_command(
         V5E_QUEUED, "llama3_1b", "gs://b/r", {"train.steps": "5", "teacher": "a b"})
+
+
+def test_up_without_the_compile_check_starts_by_creating_the_slice():
+    args = tpu_vm.build_parser().parse_args(
+        ["up", *V5E_ARGS, "--preset=llama3_1b", "--workdir=gs://b/r", "--no_compile_check"])
+    steps = tpu_vm.plan("up", args)
+    assert steps[0] == tpu_vm.create_command(V5E)
+    assert not any("--compile_only" in step for step in steps if isinstance(step, list))
+
+
+def test_a_failed_compile_check_creates_no_slice():
+    ran = []
+
+    def runner(command, check):
+        ran.append(command)
+        raise subprocess.CalledProcessError(2, command)
+
+    assert tpu_vm.main(["up", *V5E_ARGS, "--preset=llama3_1b", "--workdir=gs://b/r"],
+                       runner=runner) == 1
+    assert len(ran) == 1 and "--compile_only" in ran[0]
 
 
 @pytest.mark.parametrize("argv", [

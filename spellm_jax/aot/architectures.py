@@ -42,13 +42,19 @@ def teacher_architecture(config: ml_collections.ConfigDict) -> TeacherArchitectu
         smollm2 = _from_entry(known[SMOLLM2])
         model = tiny_model_config(config, smollm2.config.vocab_size, smollm2.config.eos_token_ids)
         return TeacherArchitecture(model, smollm2.num_symbols)
-    if config.teacher in known:
-        return _from_entry(known[config.teacher])
-    path = Path(config.teacher).expanduser()
+    return architecture_named(config.teacher)
+
+
+def architecture_named(teacher: str) -> TeacherArchitecture:
+    """A teacher source's architecture: a known teacher's, or a local directory's."""
+    known = known_architectures()
+    if teacher in known:
+        return _from_entry(known[teacher])
+    path = Path(teacher).expanduser()
     if path.is_dir() and (hf_dir.is_hf_dir(path) or is_converted_dir(path)):
         return _from_directory(path)
     raise ConfigError(
-        f"teacher={config.teacher!r}: an ahead-of-time compile reads no weights, so it needs the "
+        f"teacher={teacher!r}: an ahead-of-time compile reads no weights, so it needs the "
         f"teacher's architecture: one of {', '.join(sorted(known))} ({ARCHITECTURES_FILE.name}), "
         "a local Hugging Face directory with config.json, or a converted directory; or add the "
         f"teacher's config.json fields (and its spelling_symbols) to {ARCHITECTURES_FILE}.")

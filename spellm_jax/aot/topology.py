@@ -30,6 +30,8 @@ def compile_only_devices(shape: TpuSliceShape) -> list[jax.Device]:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", shape.accelerator_type)
+    # No chip is opened, so compiles in several processes at once need not exclude each other.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     topology = topologies.get_topology_desc(
         platform="tpu", topology_name=shape.topology_name, chip_config_name=shape.family.chip_config,
         chips_per_host_bounds=shape.chips_per_host_bounds, num_slices=1)

@@ -17,10 +17,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from spellm_jax import sharding
 from spellm_jax.aot.architectures import teacher_architecture
+from spellm_jax.aot.flops import step_flops
 from spellm_jax.aot.slices import GIB, TpuSliceShape, named_slice
 from spellm_jax.aot.topology import compile_only_devices
 from spellm_jax.distill import split_model
 from spellm_jax.errors import ConfigError
+from spellm_jax.models.char_decoders import HeadsConfig
+from spellm_jax.models.config import ModelConfig
 from spellm_jax.models.spellm import SpeLLM
 from spellm_jax.runs import distill_spec, runtime_options
 from spellm_jax.trainer import heads_config, jit_train_step, optimizer_for, validate
@@ -43,6 +46,8 @@ class AbstractRun:
     step_fn: Any
     args: tuple  # (state, teacher_params, rest, batch), every leaf a ShapeDtypeStruct
     shardings: tuple  # the NamedShardings of `args` (the batch's included)
+    architecture: ModelConfig
+    heads: HeadsConfig
 
 
 @dataclasses.dataclass
@@ -54,11 +59,13 @@ class StepCompilation:
     parts: dict[str, int]  # per-device bytes by part: the arguments, new outputs, code
     temp_bytes: int | None  # XLA's temporaries (activations); None when it refused the program
     total_bytes: int | None  # every part, plus the temporaries, per device
-    flops: float | None  # per device and step
-    bytes_accessed: float | None
+    flops: float | None  # XLA's, per device and step (each loop body counted once)
+    bytes_accessed: float | None  # likewise
     tokens_per_step: int
+    model_flops: float  # the whole step's, counted from the architecture (`aot.flops`)
     compiler_message: str = ""
-    compiled: Any = None
+    run: AbstractRun | None = None
+    compiled: Any = None  # the TPU executable; None when XLA refused it for memory
 
     @property
     def hbm_bytes(self) -> int:
@@ -70,18 +77,19 @@ class StepCompilation:
 
     @property
     def step_seconds(self) -> float | None:
-        """The step at the chip's peak: its FLOPs at peak FLOP/s or its bytes at HBM bandwidth,
-        whichever takes longer."""
-        if self.flops is None:
+        """A lower bound on the step: each chip's share of the model FLOPs at peak FLOP/s, or
+        XLA's bytes at HBM bandwidth, whichever takes longer."""
+        if self.bytes_accessed is None:
             return None
-        family = self.slice.family
-        return max(self.flops / family.peak_bf16_flops, self.bytes_accessed / family.hbm_bytes_per_s)
+        return max(self._compute_seconds, self.bytes_accessed / self.slice.family.hbm_bytes_per_s)
+
+    @property
+    def _compute_seconds(self) -> float:
+        return self.model_flops / self.slice.chips / self.slice.family.peak_bf16_flops
 
     @property
     def bound(self) -> str:
-        family = self.slice.family
-        compute = self.flops / family.peak_bf16_flops
-        return "compute" if compute >= self.bytes_accessed / family.hbm_bytes_per_s else "memory"
+        return "compute" if self._compute_seconds >= self.step_seconds else "memory"
 
     def table(self) -> str:
         """The per-device memory and cost table, in markdown."""
@@ -96,10 +104,11 @@ class StepCompilation:
         lines += [f"| {name} | {value} |" for name, value in rows]
         if self.step_seconds is not None:
             tokens = self.tokens_per_step / self.step_seconds / self.slice.chips
-            lines += ["", f"FLOPs per device and step: {self.flops:.3e}; bytes accessed: "
-                          f"{self.bytes_accessed:.3e}",
+            lines += ["", f"model FLOPs per chip and step: {self.model_flops / self.slice.chips:.3e}"
+                          f"; XLA's cost analysis (each loop body once): {self.flops:.3e} FLOPs, "
+                          f"{self.bytes_accessed:.3e} bytes accessed",
                       f"estimated step time at the chip's peak: {self.step_seconds * 1e3:.1f} ms "
-                      f"({self.bound}-bound), {tokens:,.0f} tokens/s per chip"]
+                      f"({self.bound}-bound), {tokens:,.0f} tokens/s per chip (upper bounds)"]
         if self.compiler_message:
             lines += ["", f"XLA: {self.compiler_message}"]
         return "\n".join(lines)
@@ -146,7 +155,8 @@ def abstract_run(config: ml_collections.ConfigDict, devices: list[jax.Device]) -
              "loss_mask": jax.ShapeDtypeStruct(shape, jnp.bool_)}
     return AbstractRun(mesh, step_fn, (state, params, rest, batch),
                        (state_layout, params_layout, rest_layout,
-                        {"input_ids": batch_layout, "loss_mask": batch_layout}))
+                        {"input_ids": batch_layout, "loss_mask": batch_layout}),
+                       architecture.config, heads)
 
 
 def compile_train_step(config: ml_collections.ConfigDict, shape: TpuSliceShape | str
@@ -164,6 +174,7 @@ def compile_train_step(config: ml_collections.ConfigDict, shape: TpuSliceShape |
              "batch": per_device_bytes(batch, batch_layout)}
     lowered = run.step_fn.lower(*run.args)
     tokens = config.train.batch_size * config.train.seq_len
+    model_flops = step_flops(config, run.architecture, run.heads)
     mesh_shape = tuple(run.mesh.devices.shape)
     try:
         compiled = lowered.compile()
@@ -171,7 +182,8 @@ def compile_train_step(config: ml_collections.ConfigDict, shape: TpuSliceShape |
         if "RESOURCE_EXHAUSTED" not in str(error):
             raise
         message = " ".join(str(error).split())[:600]
-        return StepCompilation(shape, mesh_shape, parts, None, None, None, None, tokens, message)
+        return StepCompilation(shape, mesh_shape, parts, None, None, None, None, tokens,
+                               model_flops, message, run)
     memory = compiled.memory_analysis()
     parts["new outputs (not written over the donated state)"] = max(
         memory.output_size_in_bytes - memory.alias_size_in_bytes, 0)
@@ -182,7 +194,7 @@ def compile_train_step(config: ml_collections.ConfigDict, shape: TpuSliceShape |
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     return StepCompilation(shape, mesh_shape, parts, int(memory.temp_size_in_bytes), int(total),
                            float(cost["flops"]), float(cost["bytes accessed"]), tokens,
-                           compiled=compiled)
+                           model_flops, run=run, compiled=compiled)
 
 
 def check(config: ml_collections.ConfigDict, shape: TpuSliceShape | str) -> StepCompilation:
