@@ -4,7 +4,8 @@ smollm2       the bundled SmolLM2-135M teacher, sized for a 2-core CPU (about 14
 smollm2_long  the same teacher for about two hours, for better figures
 (both with the chain-rule decoder, measured better than independent heads: see the README)
 tiny          a random tiny model (tests)
-llama3_1b, llama3_8b, qwen2_7b    TPU pod slices
+llama3_1b, llama3_8b, qwen2_7b    TPU pod slices (llama3_1b: v4-8 or v5litepod-16; the 7-8B
+              teachers: v4-32; `python -m spellm_jax.train --compile_only` checks any other)
 """
 
 import ml_collections
@@ -14,7 +15,7 @@ from configs.base import get_config as base_config
 PRESETS = ("smollm2", "smollm2_long", "tiny", "llama3_1b", "llama3_8b", "qwen2_7b")
 
 
-def _pod(config, teacher: str, mesh: tuple[int, int, int], batch: int) -> None:
+def _pod(config, teacher: str, mesh: tuple[int, int, int], batch: int, grad_accum: int) -> None:
     config.teacher = teacher
     config.model.dtype = "bfloat16"
     config.model.scan_layers = True
@@ -24,6 +25,8 @@ def _pod(config, teacher: str, mesh: tuple[int, int, int], batch: int) -> None:
     config.train.trainable = "lora"
     config.train.steps = 20_000
     config.train.batch_size = batch
+    # Micro-batches small enough for the slices in the README (`--compile_only` measures them).
+    config.train.grad_accum = grad_accum
     config.train.seq_len = 1024
     config.train.learning_rate = 3e-4
     config.train.warmup_steps = 500
@@ -73,9 +76,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.data.eval_new_tokens = 8
         config.checkpoint.save_every = 10
     elif preset == "llama3_1b":
-        _pod(config, "meta-llama/Llama-3.2-1B", (-1, 1, 1), batch=256)
+        _pod(config, "meta-llama/Llama-3.2-1B", (-1, 1, 1), batch=256, grad_accum=2)
     elif preset == "llama3_8b":
-        _pod(config, "meta-llama/Llama-3.1-8B", (1, -1, 4), batch=256)
+        _pod(config, "meta-llama/Llama-3.1-8B", (1, -1, 4), batch=256, grad_accum=4)
     elif preset == "qwen2_7b":
-        _pod(config, "Qwen/Qwen2-7B", (1, -1, 4), batch=256)
+        _pod(config, "Qwen/Qwen2-7B", (1, -1, 4), batch=256, grad_accum=4)
     return config.lock()

@@ -16,6 +16,8 @@ os.environ["XLA_FLAGS"] = (
     + " --xla_force_host_platform_device_count=8 --xla_cpu_experimental_ynn_fusion_type="
 ).strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tests compute on the CPU; where libtpu is installed it only compiles for TPU topologies.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # One persistent XLA compilation cache per test session, empty at its start, inherited by the
 # command-line subprocesses: a program compiled once (the tiny train step, the scorers) is
