@@ -4,6 +4,9 @@ real train step compiled by libtpu, its memory table and its shardings."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +19,7 @@ from spellm_jax.aot.architectures import teacher_architecture
 from spellm_jax.aot.topology import LIBTPU_HINT, compile_only_devices, libtpu_available
 from spellm_jax.errors import ConfigError
 
+ROOT = Path(__file__).resolve().parents[1]
 needs_libtpu = pytest.mark.skipif(not libtpu_available(), reason=f"libtpu is absent: {LIBTPU_HINT}")
 
 
@@ -132,3 +136,15 @@ def test_accumulated_micro_batches_stay_sharded_and_need_less_memory():
                                      "loss.chunk_size": 64, "train.grad_accum": accum})
         temps[accum] = train_compile.compile_train_step(config, "v5e:2x2").temp_bytes
     assert temps[4] < 0.5 * temps[1]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--compile_only", "--topology=v5e-16"], "error: --topology: unsupported accelerator type"),
+    (["--compile_only"], "error: --compile_only needs --topology"),
+    (["--topology=v4-8"], "error: --topology is only read with --compile_only")])
+def test_bad_compile_only_command_lines_are_refused(flags, message, tmp_path):
+    command = [sys.executable, "-m", "spellm_jax.train", "--config=configs/llama.py:tiny",
+               f"--workdir={tmp_path / 'run'}", *flags]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything was written
