@@ -15,7 +15,7 @@ import pytest
 from configs import llama
 from spellm_jax import sharding
 from spellm_jax.aot import slices, train_compile
-from spellm_jax.aot.architectures import teacher_architecture
+from spellm_jax.aot.architectures import architecture_named, teacher_architecture
 from spellm_jax.aot.topology import LIBTPU_HINT, compile_only_devices, libtpu_available
 from spellm_jax.errors import ConfigError
 
@@ -50,6 +50,17 @@ def test_preset_teachers_have_their_public_architectures():
         config.teacher = "some-org/unknown-model"
     with pytest.raises(ConfigError, match=r"config\.json"):
         teacher_architecture(config)
+
+
+@pytest.mark.parametrize("vocabulary, teachers", [
+    ("llama3", ["meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.1-8B"]), ("qwen2", ["Qwen/Qwen2-7B"])])
+def test_recorded_alphabets_are_those_of_the_real_tokenizers(vocabulary, teachers):
+    from spellm_jax.spelling import SpellingTable
+    from spellm_jax.tokenizers import load_tokenizer
+
+    table = SpellingTable.from_tokenizer(load_tokenizer(vocabulary), 16)
+    for teacher in teachers:
+        assert architecture_named(teacher).num_symbols == table.num_symbols
 
 
 def _tiny(mesh: tuple[int, int, int], **overrides) -> object:
