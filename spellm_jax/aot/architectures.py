@@ -37,9 +37,8 @@ def known_architectures() -> dict[str, dict]:
 def teacher_architecture(config: ml_collections.ConfigDict) -> TeacherArchitecture:
     """`config.teacher`'s architecture: from the table of known teachers (the presets'), or from
     a local HF or converted directory's config (its tokenizer gives C); no weights are read."""
-    known = known_architectures()
     if config.teacher == TINY_TEACHER:
-        smollm2 = _from_entry(known[SMOLLM2])
+        smollm2 = architecture_named(SMOLLM2)
         model = tiny_model_config(config, smollm2.config.vocab_size, smollm2.config.eos_token_ids)
         return TeacherArchitecture(model, smollm2.num_symbols)
     return architecture_named(config.teacher)

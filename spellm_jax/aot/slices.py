@@ -5,6 +5,7 @@ on a laptop without JAX."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 GIB = 1024**3
 
@@ -70,9 +71,7 @@ class TpuSliceShape:
     @property
     def chips_per_host_bounds(self) -> tuple[int, int, int]:
         """The torus block one host holds (the whole slice when it has one host)."""
-        if self.num_hosts == 1:
-            return (*self.torus, 1)[:3] if len(self.torus) == 2 else self.torus
-        return (2, 2, 1)
+        return (*self.torus, 1)[:3] if self.num_hosts == 1 else (2, 2, 1)
 
 
 def named_slice(name: str) -> TpuSliceShape:
@@ -104,11 +103,8 @@ def _from_topology(topology: str) -> TpuSliceShape:
     if name is None or len(chips) != FAMILIES[name].torus_dims or min(chips, default=0) < 1:
         raise ValueError(f"unsupported topology {topology!r}; write GENERATION:AxB (v5e, v6e) or "
                          "GENERATION:AxBxC (v4, v5p), e.g. v5e:4x4 or v4:2x2x1.")
-    family = FAMILIES[name]
-    count = 1
-    for d in chips:
-        count *= d
-    shape = slice_shape(f"{name}-{count * family.cores_per_chip}")
+    count = math.prod(chips)
+    shape = slice_shape(f"{name}-{count * FAMILIES[name].cores_per_chip}")
     if shape.torus != tuple(chips):
         raise ValueError(f"topology {topology!r}: this table lays {count} chips out as "
                          f"{shape.topology_name}; use that name.")

@@ -55,17 +55,24 @@ class StepCompilation:
     """What the compiled step costs on one device of the slice."""
 
     slice: TpuSliceShape
-    mesh_shape: tuple[int, ...]
+    run: AbstractRun
     parts: dict[str, int]  # per-device bytes by part: the arguments, new outputs, code
     temp_bytes: int | None  # XLA's temporaries (activations); None when it refused the program
-    total_bytes: int | None  # every part, plus the temporaries, per device
     flops: float | None  # XLA's, per device and step (each loop body counted once)
     bytes_accessed: float | None  # likewise
     tokens_per_step: int
     model_flops: float  # the whole step's, counted from the architecture (`aot.flops`)
     compiler_message: str = ""
-    run: AbstractRun | None = None
     compiled: Any = None  # the TPU executable; None when XLA refused it for memory
+
+    @property
+    def mesh_shape(self) -> tuple[int, ...]:
+        return tuple(self.run.mesh.devices.shape)
+
+    @property
+    def total_bytes(self) -> int | None:
+        """Every part (all arguments are on the device, read or not) plus the temporaries."""
+        return None if self.temp_bytes is None else sum(self.parts.values()) + self.temp_bytes
 
     @property
     def hbm_bytes(self) -> int:
@@ -175,27 +182,21 @@ def compile_train_step(config: ml_collections.ConfigDict, shape: TpuSliceShape |
     lowered = run.step_fn.lower(*run.args)
     tokens = config.train.batch_size * config.train.seq_len
     model_flops = step_flops(config, run.architecture, run.heads)
-    mesh_shape = tuple(run.mesh.devices.shape)
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as error:
         if "RESOURCE_EXHAUSTED" not in str(error):
             raise
         message = " ".join(str(error).split())[:600]
-        return StepCompilation(shape, mesh_shape, parts, None, None, None, None, tokens,
-                               model_flops, message, run)
+        return StepCompilation(shape, run, parts, None, None, None, tokens, model_flops, message)
     memory = compiled.memory_analysis()
     parts["new outputs (not written over the donated state)"] = max(
         memory.output_size_in_bytes - memory.alias_size_in_bytes, 0)
     parts["program code"] = memory.generated_code_size_in_bytes
-    # Every argument is on the device for the step, including those the program never reads.
-    total = sum(parts.values()) + memory.temp_size_in_bytes
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
-    return StepCompilation(shape, mesh_shape, parts, int(memory.temp_size_in_bytes), int(total),
-                           float(cost["flops"]), float(cost["bytes accessed"]), tokens,
-                           model_flops, run=run, compiled=compiled)
-
+    return StepCompilation(shape, run, parts, int(memory.temp_size_in_bytes), float(cost["flops"]),
+                           float(cost["bytes accessed"]), tokens, model_flops, compiled=compiled)
 
 def check(config: ml_collections.ConfigDict, shape: TpuSliceShape | str) -> StepCompilation:
     """`compile_train_step`, printed; a step that does not fit is refused with its numbers."""
