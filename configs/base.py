@@ -48,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.grad_clip = 1.0
     config.train.log_every = 5
     config.train.eval_every = 20
+    config.train.eval_beams = (4,)  # chain kind: held-out agreement also with these beams
 
     config.loss = ml_collections.ConfigDict()
     config.loss.soft_weight = 0.5

@@ -35,29 +35,40 @@ def spelled_choices(model: SpeLLM, hidden: jax.Array, beam: int = 1) -> dict[str
     return {"free_rows": rows, "free": spelling.lookup(rows), "vocab": spelling.lookup(constrained)}
 
 
-@nnx.jit
-def _predictions(model: SpeLLM, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Free and vocabulary-constrained next-token predictions `[N, T]`, one row at a time (a
-    row's `[T, V]` vocabulary scores, for the independent kind, would not fit for a batch)."""
+@nnx.jit(static_argnames="beams")
+def _predictions(model: SpeLLM, ids: jax.Array, beams: tuple[int, ...]) -> dict[str, jax.Array]:
+    """Free and vocabulary-constrained next-token predictions `[N, T]` for each beam width, one
+    row at a time (a row's `[T, V]` vocabulary scores, for the independent kind, would not fit
+    for a batch)."""
 
     def one_row(row_ids):
-        choices = spelled_choices(model, model.model(row_ids[None])[0][0])
-        return choices["free"], choices["vocab"]
+        hidden = model.model(row_ids[None])[0][0]
+        out = {}
+        for beam in beams:
+            choices = spelled_choices(model, hidden, beam)
+            out |= {_agreement_key(mode, beam): choices[mode] for mode in ("free", "vocab")}
+        return out
 
     return jax.lax.map(one_row, ids)
 
 
-def continuation_agreement(model: SpeLLM, sequences: np.ndarray, predicts_target: np.ndarray
-                           ) -> dict[str, float]:
-    """Share of target positions where the SpeLLM's next token equals the sequence's next token.
+def _agreement_key(mode: str, beam: int) -> str:
+    return f"{mode}_agreement" + ("" if beam == 1 else f"_beam{beam}")
+
+
+def continuation_agreement(model: SpeLLM, sequences: np.ndarray, predicts_target: np.ndarray,
+                           beams: Sequence[int] = ()) -> dict[str, float]:
+    """Share of target positions where the SpeLLM's next token equals the sequence's next token,
+    free and vocabulary-constrained, greedily and with each of `beams` (`free_agreement`,
+    `vocab_agreement_beam4`, ...).
 
     `sequences` `[N, T]` are prompts followed by the teacher's greedy continuation;
     `predicts_target` marks the positions whose next token is a continuation token (as
     `continuation_rows` gives them).
     """
-    free, constrained = (np.asarray(x) for x in _predictions(model, jnp.asarray(sequences)))
+    widths = tuple(dict.fromkeys((1, *beams)))
+    predictions = _predictions(model, jnp.asarray(sequences), widths)
     targets, mask = sequences[:, 1:], predicts_target[:, :-1].astype(bool)
     count = max(int(mask.sum()), 1)
-    return {"free_agreement": float(((free[:, :-1] == targets) & mask).sum() / count),
-            "vocab_agreement": float(((constrained[:, :-1] == targets) & mask).sum() / count),
-            "positions": int(mask.sum())}
+    return {key: float(((np.asarray(tokens)[:, :-1] == targets) & mask).sum() / count)
+            for key, tokens in predictions.items()} | {"positions": int(mask.sum())}

@@ -356,7 +356,7 @@ def loop(run: Run, stop_after: int | None = None) -> dict[str, Any]:
                 writer.write(step, summary)
                 progress(step, summary)
             if step % train.eval_every == 0 or step == last_step:
-                evaluation = _evaluate(setup, state["params"], run.eval_set)
+                evaluation = _evaluate(config, setup, state["params"], run.eval_set)
                 writer.write(step, {f"heldout/{k}": v for k, v in evaluation.items()})
                 if run.benchmark is not None:
                     scores = run.benchmark(nnx.merge(setup.graphdef, state["params"], setup.rest))
@@ -373,11 +373,14 @@ def loop(run: Run, stop_after: int | None = None) -> dict[str, Any]:
     if preempted.requested:
         print(f"\nstopped by SIGTERM; checkpoint: {path}", file=sys.stderr)
         return {"checkpoint": str(path), "step": step, **summary}
-    evaluation = {k: summary[k] for k in ("free_agreement", "vocab_agreement", "positions")
-                  if k in summary} or _evaluate(setup, state["params"], run.eval_set)
+    evaluation = ({k: v for k, v in summary.items() if "agreement" in k or k == "positions"}
+                  or _evaluate(config, setup, state["params"], run.eval_set))
     print(f"\ncheckpoint: {path}\nheld-out agreement with the teacher's greedy continuations: "
           f"free {evaluation['free_agreement']:.1%}, vocabulary-constrained "
           f"{evaluation['vocab_agreement']:.1%} ({evaluation['positions']} positions)")
+    for beam in _eval_beams(config):
+        print(f"  with a beam of {beam}: free {evaluation[f'free_agreement_beam{beam}']:.1%}, "
+              f"vocabulary-constrained {evaluation[f'vocab_agreement_beam{beam}']:.1%}")
     return {"checkpoint": str(path), "step": step, **summary, **evaluation}
 
 
@@ -439,8 +442,15 @@ def _eval_sequences(teacher_model, dataset, config) -> tuple[np.ndarray, np.ndar
     return continuation_rows(prompts, continuations, pad_id=0)
 
 
-def _evaluate(setup: Setup, params, eval_set) -> dict[str, float]:
-    return continuation_agreement(nnx.merge(setup.graphdef, params, setup.rest), *eval_set)
+def _eval_beams(config) -> tuple[int, ...]:
+    """The beam widths evaluated beside greedy decoding: the chain kind's (independent heads'
+    greedy string is already their best)."""
+    return tuple(b for b in config.train.eval_beams if b > 1) if config.heads.kind == "chain" else ()
+
+
+def _evaluate(config, setup: Setup, params, eval_set) -> dict[str, float]:
+    return continuation_agreement(nnx.merge(setup.graphdef, params, setup.rest), *eval_set,
+                                  beams=_eval_beams(config))
 
 
 def _progress(start: int, total: int):

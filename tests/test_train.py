@@ -130,6 +130,14 @@ def test_a_run_recorded_before_a_loss_option_existed_still_loads(tiny_chain_run,
     assert np.array_equal(model.char_heads.kernel[...], reference.char_heads.kernel[...])
 
 
+def test_a_chain_run_reports_held_out_agreement_with_a_beam_too(tiny_chain_run):
+    config, workdir = tiny_chain_run
+    metrics = read_metrics(workdir)
+    for mode in ("free", "vocab"):
+        for key in (f"heldout/{mode}_agreement", f"heldout/{mode}_agreement_beam4"):
+            assert 0.0 <= metrics[(config.train.steps, key)] <= 1.0
+
+
 def test_sigterm_mid_run_leaves_a_restorable_checkpoint(tmp_path):
     command = [sys.executable, "-m", "spellm_jax.train", "--config=configs/llama.py:tiny",
                f"--workdir={tmp_path}", "--config.train.steps=100000",
