@@ -59,7 +59,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict()
     config.data.source = "corpus"  # self_generated | corpus | mixed (corpus measured best, see README)
+    # Built-in names, tfds:NAME, or .txt/.jsonl[.gz]/.array_record paths and globs (local or
+    # gs://), each with ?weight=...&text_key=... options (spellm_jax/data/sources.py).
     config.data.corpora = ("shakespeare", "wiki")
+    config.data.lanes = 4  # documents in flight per row slot and source (data/stream.py)
     config.data.num_samples = 192  # teacher generations
     config.data.prompt_tokens = 24
     config.data.new_tokens = 104

@@ -293,12 +293,13 @@ def _real_text_rows(documents: dict[str, str], tokenizer, settings: EvalSettings
 def evaluate(spellm, teacher, respeller: Respeller, settings: EvalSettings) -> dict[str, Any]:
     """All metrics of a SpeLLM against its teacher (an LM-head model), as a JSON-ready dict;
     `respeller` holds the SpeLLM's spelling table and tokenizer."""
-    from spellm_jax.data import evaluation_prompts, load_corpora
+    from spellm_jax.data import evaluation_prompts
     from spellm_jax.data.last_word import last_word_items
+    from spellm_jax.data.sources import read_documents
 
     spelling, tokenizer = respeller.spelling, respeller.tokenizer
     pad_id = tokenizers.pad_id(tokenizer)
-    documents = load_corpora(settings.corpora, "heldout")
+    documents = read_documents(settings.corpora, "heldout")
     rows, mask = _real_text_rows(documents, tokenizer, settings)
     outputs = position_outputs(spellm, teacher, rows, "real text", beam=settings.beam)
     real_text = agreement_metrics(outputs, mask, rows, respeller, settings.respell)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 from etils import epath
@@ -15,7 +14,18 @@ def as_path(path: str | os.PathLike) -> epath.Path:
     if isinstance(path, epath.Path):
         return path
     text = os.fspath(path)
-    if text.startswith("gs://") and importlib.util.find_spec("gcsfs") is None:
+    if text.startswith("gs://") and not _gcs_available():
         raise FileNotFoundError(f"{text}: gs:// paths need gcsfs; `pip install gcsfs "
                                 "google-cloud-storage` (launch/run_on_tpu.sh does on TPU VMs).")
     return epath.Path(text if "://" in text else os.path.abspath(os.path.expanduser(text)))
+
+
+def _gcs_available() -> bool:
+    """Whether fsspec can open gs:// (gcsfs installed, or another filesystem registered)."""
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class("gcs")
+    except (ImportError, ValueError):
+        return False
+    return True

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import signal
 import sys
 import time
@@ -42,6 +43,8 @@ from spellm_jax.runs import (
 )
 from spellm_jax.sampling import Sampling
 from spellm_jax.spelling import SPELLING_FILE, SpellingTable, choose_k
+
+K_SAMPLE_BATCHES = 16  # training batches whose tokens choose k when heads.k = 0
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
@@ -247,13 +250,19 @@ def _teacher_sampler(teacher: Pretrained, config: ml_collections.ConfigDict):
     return build
 
 
-def _spelling_for(config, teacher: Pretrained, tokens: np.ndarray) -> SpellingTable:
+def _spelling_for(config, teacher: Pretrained, batches) -> SpellingTable:
     """The run's spelling table: `heads.k` symbols, or (k = 0) the smallest k that spells
-    `heads.coverage_target` of the training tokens in full."""
+    `heads.coverage_target` of (a sample of) the training tokens in full."""
     vocab_size = teacher.config.vocab_size
-    k = config.heads.k or choose_k(
-        SpellingTable.from_tokenizer(teacher.tokenizer, 64, vocab_size).lengths,
-        np.bincount(tokens.ravel(), minlength=vocab_size), config.heads.coverage_target)
+    k = config.heads.k
+    if not k:  # every host counts its slice of the same batches: the counts of all hosts agree
+        counts = np.bincount(batches.peek_tokens(K_SAMPLE_BATCHES).ravel(), minlength=vocab_size)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            counts = np.asarray(multihost_utils.process_allgather(counts)).sum(0)
+        k = choose_k(SpellingTable.from_tokenizer(teacher.tokenizer, 64, vocab_size).lengths,
+                     counts, config.heads.coverage_target)
     return SpellingTable.from_tokenizer(teacher.tokenizer, k, vocab_size=vocab_size)
 
 
@@ -273,13 +282,30 @@ class Run:
     benchmark: Any = None  # a TrainingBenchmark when config.benchmark.enabled
 
 
+def initialize_distributed() -> None:
+    """`jax.distributed.initialize()`: JAX finds its peers on TPU VMs and the clusters it knows;
+    elsewhere (several processes on one machine, a cluster it does not know) set
+    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID."""
+    if "JAX_NUM_PROCESSES" not in os.environ:
+        jax.distributed.initialize()
+        return
+    try:
+        address = os.environ["JAX_COORDINATOR_ADDRESS"]
+        process_id = int(os.environ["JAX_PROCESS_ID"])
+    except KeyError as missing:
+        raise ConfigError(f"JAX_NUM_PROCESSES is set but {missing} is not; set "
+                          "JAX_COORDINATOR_ADDRESS (host:port of process 0) and JAX_PROCESS_ID "
+                          "too.") from None
+    jax.distributed.initialize(address, int(os.environ["JAX_NUM_PROCESSES"]), process_id)
+
+
 def start(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
     """Everything before the first step: checks the config, loads the teacher and the data,
     writes the spelling table and `spellm.json`, places the state on the mesh and restores it
     (this workdir's latest checkpoint, else `init_from`'s parameters, else fresh from the
     teacher)."""
     if config.distributed:
-        jax.distributed.initialize()
+        initialize_distributed()
     validate(config, jax.device_count(), jax.process_count())
     workdir = as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -288,8 +314,9 @@ def start(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
 
     teacher = load_teacher(config)
     dataset = data.training_data(config, teacher.tokenizer, teacher.source,
-                                 _teacher_sampler(teacher, config))
-    spelling = _spelling_for(config, teacher, dataset.tokens)
+                                 _teacher_sampler(teacher, config), jax.process_index(),
+                                 jax.process_count())
+    spelling = _spelling_for(config, teacher, dataset.batches)
     if jax.process_index() == 0:
         spelling.save(workdir / SPELLING_FILE)
     heads = heads_config(config, spelling.k, spelling.num_symbols)
@@ -304,8 +331,7 @@ def start(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
     setup = prepare(config, teacher, spelling, heads, mesh)
     checkpoints = TrainCheckpoints(workdir, config.checkpoint.keep, config.checkpoint.save_every,
                                    config.checkpoint.async_save)
-    iterator = data.BatchIterator(dataset.tokens, dataset.loss_mask, config.train.batch_size,
-                                  config.seed, jax.process_index(), jax.process_count())
+    iterator = dataset.batches
     state, start_step = setup.state, checkpoints.latest_step() or 0
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)

@@ -288,13 +288,19 @@ def test_training_data_packs_cached_generations(cache, teacher, tokenizer):
     spec = tiny_spec(4)
     generate_shards(spec, tokenizer, sampler_of(teacher, spec), progress=False)  # or cached
     config = ml_collections.ConfigDict({
-        "seed": spec.seed, "train": {"seq_len": 16},
+        "seed": spec.seed, "train": {"seq_len": 16, "batch_size": 1},
         "data": {"source": "self_generated", "corpora": spec.corpora, "num_samples": 4,
                  "prompt_tokens": spec.prompt_tokens, "new_tokens": 8, "temperature": 1.0,
-                 "top_p": 0.9, "generation_batch": 2, "eval_prompts": 3}})
+                 "top_p": 0.9, "generation_batch": 2, "eval_prompts": 3, "lanes": 1}})
     data = training_data(config, tokenizer, spec.teacher,
                          lambda: pytest.fail("the generations are cached: no teacher is built"))
     expected = pack_ids([s.ids for s in read_samples(spec)], 16, EOS, tokenizer.pad_token_id)
-    np.testing.assert_array_equal(data.tokens, expected.tokens)
-    np.testing.assert_array_equal(data.loss_mask, expected.loss_mask)
+    assert data.batches.global_batch_size == config.train.batch_size
+    epoch = [data.batches.next() for _ in range(len(expected.tokens) // config.train.batch_size)]
+    rows = np.concatenate([batch["input_ids"] for batch in epoch])
+    masks = np.concatenate([batch["loss_mask"] for batch in epoch])
+    order = np.lexsort(rows.T[::-1])  # one epoch: every packed row once, in a shuffled order
+    expected_order = np.lexsort(expected.tokens.T[::-1])
+    np.testing.assert_array_equal(rows[order], expected.tokens[expected_order])
+    np.testing.assert_array_equal(masks[order], expected.loss_mask[expected_order])
     assert len(data.heldout_prompts) == 3

@@ -58,7 +58,8 @@ def test_bad_configs_fail_before_any_compute():
 def test_runs_resume_bitwise_and_start_from_another_runs_params(tmp_path):
     """An independent run learns; a chain run started from its parameters (`init_from`), killed
     after 2 steps and resumed, equals the uninterrupted chain run bit for bit."""
-    independent = tiny_config(**{"train.steps": 4, "train.log_every": 1, "train.eval_every": 100})
+    independent = tiny_config(**{"train.steps": 4, "train.log_every": 1, "train.eval_every": 100,
+                                 "train.learning_rate": 1e-2})
     trainer.run(independent, tmp_path / "independent")
     first = read_metrics(tmp_path / "independent")
     assert first[(4, "loss")] < first[(1, "loss")]  # the tiny preset learns
@@ -110,7 +111,7 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
         checkpoints = TrainCheckpoints(tmp_path, keep=3, save_every=1)
         state, data_state, _ = checkpoints.restore(2, abstract)
         checkpoints.close()
-        assert data_state["position"] == 2
+        assert data_state["step"] == 2
         kernel = state["params"]["model"]["layers"][0]["mlp"]["up_proj"]["kernel"]
         assert kernel.sharding.mesh.devices.shape == shape
         restored[shape] = jax.tree.map(np.asarray, state["params"])
@@ -128,6 +129,20 @@ def test_a_run_recorded_before_a_loss_option_existed_still_loads(tiny_chain_run,
     model, _, _ = runs.load_spellm(old)
     reference, _, _ = runs.load_spellm(workdir)
     assert np.array_equal(model.char_heads.kernel[...], reference.char_heads.kernel[...])
+
+
+def test_k_zero_is_the_smallest_k_covering_the_training_tokens(tmp_path):
+    from spellm_jax.spelling import SPELLING_FILE, SpellingTable, choose_k
+
+    config = tiny_config(**{"heads.k": 0, "heads.coverage_target": 0.99})
+    run = trainer.start(config, tmp_path)
+    run.checkpoints.close()
+    assert run.iterator.step == 0  # choosing k did not use up training batches
+    tokens = run.iterator.peek_tokens(trainer.K_SAMPLE_BATCHES)
+    teacher = runs.load_teacher(config)
+    lengths = SpellingTable.from_tokenizer(teacher.tokenizer, 64, teacher.config.vocab_size).lengths
+    counts = np.bincount(tokens.ravel(), minlength=len(lengths))
+    assert SpellingTable.load(tmp_path / SPELLING_FILE).k == choose_k(lengths, counts, 0.99) > 1
 
 
 def test_a_chain_run_reports_held_out_agreement_with_a_beam_too(tiny_chain_run):

@@ -1,4 +1,5 @@
-"""Data: real corpora (tfds, array_record), the teacher's own generations, packing, per-host batches."""
+"""Data: sources from anywhere (built-in corpora, TFDS, files, gs://) streamed into per-host batches,
+the teacher's own generations, packing."""
 
 from spellm_jax.data.corpora import (
     CORPORA,
@@ -27,13 +28,17 @@ from spellm_jax.data.self_generated import (
     sample_prompts,
     shard_dir,
 )
+from spellm_jax.data.sources import SourceSpec, parse_source, read_documents
+from spellm_jax.data.stream import StreamedBatches
 from spellm_jax.data.wikitext import strip_wiki_markup, wiki_articles
 
 __all__ = [
     "CORPORA", "SPLITS", "BatchIterator", "CorpusBuilder", "Packed", "Prompt", "Sample",
-    "SelfGenerated", "SelfGeneratedSpec", "Shakespeare", "TrainingData", "WikiSample",
+    "SelfGenerated", "SelfGeneratedSpec", "Shakespeare", "SourceSpec", "StreamedBatches",
+    "TrainingData", "WikiSample",
     "corpus_builder", "evaluation_prompts", "generate_shards", "heldout_ids", "load_corpora",
     "load_documents", "load_named_documents", "load_self_generated", "pack_documents", "pack_ids",
+    "parse_source", "read_documents",
     "read_samples", "sample_prompts", "self_generated_spec", "shard_dir", "strip_wiki_markup",
     "tokenize_documents", "training_data", "wiki_articles",
 ]

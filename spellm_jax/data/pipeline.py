@@ -1,4 +1,4 @@
-"""The training data of a run, from its config: packed rows to train on and held-out prompts."""
+"""The training data of a run, from its config: streamed batches to train on and held-out prompts."""
 
 from __future__ import annotations
 
@@ -6,16 +6,21 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from spellm_jax import tokenizers
-from spellm_jax.data import corpora
-from spellm_jax.data.packing import pack_documents, pack_ids
+from spellm_jax.data import sources
+from spellm_jax.data.packing import pack_ids
 from spellm_jax.data.self_generated import (
     Sampler,
     SelfGeneratedSpec,
     evaluation_prompts,
     load_self_generated,
+)
+from spellm_jax.data.stream import (
+    DocumentSource,
+    MemoryRows,
+    PackedSource,
+    SourceLanes,
+    StreamedBatches,
 )
 
 SOURCES = ("self_generated", "corpus", "mixed")
@@ -23,11 +28,10 @@ SOURCES = ("self_generated", "corpus", "mixed")
 
 @dataclasses.dataclass(frozen=True)
 class TrainingData:
-    """`tokens`/`loss_mask` `[N, seq_len]` to train on; `heldout_prompts` (from the corpora's
-    heldout split, never train) for evaluation."""
+    """This host's training batches (streamed, resumable) and the held-out prompts (from the
+    sources' held-out documents, never train) for evaluation."""
 
-    tokens: np.ndarray
-    loss_mask: np.ndarray
+    batches: StreamedBatches
     heldout_prompts: list[list[int]]
 
 
@@ -42,23 +46,32 @@ def self_generated_spec(config: Any, teacher_source: str) -> SelfGeneratedSpec:
 
 
 def training_data(config: Any, tokenizer: Any, teacher_source: str,
-                  sampler: Callable[[], Sampler]) -> TrainingData:
-    """Rows of `config.train.seq_len` from `config.data.source`: the teacher's generations
-    (`self_generated`, cached and resumable; `sampler()` is called only if some are missing),
-    the corpora's train split (`corpus`), or both (`mixed`)."""
+                  sampler: Callable[[], Sampler], process_index: int = 0,
+                  process_count: int = 1) -> TrainingData:
+    """Batches of `config.train.seq_len` rows from `config.data.source`: the sources of
+    `config.data.corpora` streamed (`corpus`), the teacher's generations (`self_generated`,
+    cached and resumable; `sampler()` is called only if some are missing), or both (`mixed`:
+    the generations are one more source, of weight 1)."""
     source = config.data.source
     if source not in SOURCES:
         raise ValueError(f"config.data.source={source!r}; choose one of {', '.join(SOURCES)}.")
-    seq_len, eos_id, pad_id = config.train.seq_len, tokenizer.eos_token_id, tokenizers.pad_id(tokenizer)
-    parts = []
+    seq_len, seed, batch_size = config.train.seq_len, config.seed, config.train.batch_size
+    num_lanes = batch_size * config.data.lanes
+    row_sources: list[DocumentSource | PackedSource] = []
     if source in ("corpus", "mixed"):
-        documents = corpora.load_corpora(config.data.corpora, "train")
-        parts.append(pack_documents(list(documents.values()), tokenizer, seq_len, eos_id, pad_id))
+        for index, entry in enumerate(config.data.corpora):
+            spec = sources.parse_source(entry)
+            row_sources.append(DocumentSource(entry, spec.weight,
+                                              SourceLanes(spec, num_lanes, seed, index)))
     if source in ("self_generated", "mixed"):
         spec = self_generated_spec(config, teacher_source)
         samples = load_self_generated(spec, tokenizer, sampler)
-        parts.append(pack_ids([sample.ids for sample in samples], seq_len, eos_id, pad_id))
+        packed = pack_ids([sample.ids for sample in samples], seq_len, tokenizer.eos_token_id,
+                          tokenizers.pad_id(tokenizer))
+        row_sources.append(PackedSource(f"self_generated:{spec.cache_key()}", 1.0,
+                                        MemoryRows(*packed, seed)))
+    batches = StreamedBatches(row_sources, tokenizer, seq_len, batch_size, config.data.lanes,
+                              seed, process_index, process_count)
     prompts = evaluation_prompts(config.data.corpora, tokenizer, config.data.eval_prompts,
-                                 config.data.prompt_tokens, config.seed)
-    return TrainingData(np.concatenate([part.tokens for part in parts]),
-                        np.concatenate([part.loss_mask for part in parts]), prompts)
+                                 config.data.prompt_tokens, seed)
+    return TrainingData(batches, prompts)

@@ -27,7 +27,7 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from spellm_jax import assets
-from spellm_jax.data import corpora, tfds_io
+from spellm_jax.data import corpora, sources, tfds_io
 from spellm_jax.sampling import Sampling
 
 FORMAT_VERSION = 1  # bump when the sampling procedure or the shard layout changes
@@ -63,7 +63,9 @@ class SelfGeneratedSpec:
         object.__setattr__(self, "corpora", tuple(self.corpora))
         unknown = [name for name in self.corpora if name not in corpora.CORPORA]
         if not self.corpora or unknown:
-            raise ValueError(f"corpora={self.corpora}: choose from {', '.join(corpora.CORPORA)}.")
+            raise ValueError(f"corpora={self.corpora}: the teacher's generations take their "
+                             f"prompts from the built-in corpora ({', '.join(corpora.CORPORA)}); "
+                             "other sources stream with data.source=corpus.")
         if self.split not in corpora.SPLITS:
             raise ValueError(f"split={self.split!r}: choose from {', '.join(corpora.SPLITS)}.")
         if len(prompt) != 2 or not 1 <= prompt[0] <= prompt[1]:
@@ -265,6 +267,6 @@ def evaluation_prompts(corpus_names: Sequence[str], tokenizer: Any, count: int,
     """`count` prompts from the `heldout` split of the corpora (never train), for evaluation."""
     if isinstance(prompt_tokens, int):
         prompt_tokens = (prompt_tokens, prompt_tokens)
-    documents = corpora.load_corpora(corpus_names, "heldout")
+    documents = sources.read_documents(corpus_names, "heldout")
     rng = np.random.default_rng([seed, 0x4E1D])
     return [p.ids for p in sample_prompts(documents, tokenizer, count, prompt_tokens, rng)]
