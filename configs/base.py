@@ -62,7 +62,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Built-in names, tfds:NAME, or .txt/.jsonl[.gz]/.array_record paths and globs (local or
     # gs://), each with ?weight=...&text_key=... options (spellm_jax/data/sources.py).
     config.data.corpora = ("shakespeare", "wiki")
-    config.data.lanes = 4  # documents in flight per row slot and source (data/stream.py)
+    # Documents in flight per row slot and source (data/stream.py): each lane gives a run
+    # steps / lanes consecutive rows of text, so more lanes spread a short run over more places.
+    config.data.lanes = 40
     config.data.num_samples = 192  # teacher generations
     config.data.prompt_tokens = 24
     config.data.new_tokens = 104

@@ -42,6 +42,7 @@ class SourceLanes:
         self.seed, self.source_index = seed, source_index
         self.shards = sources.shards(spec, "train")
         self.in_memory: list[tuple[str, str]] | None = None
+        self._token_cache: dict[str, np.ndarray] = {}
         if len(self.shards) < num_lanes:
             self.in_memory = list(sources.split_documents(spec, "train"))
             if not self.in_memory:
@@ -74,6 +75,18 @@ class SourceLanes:
             epoch, first = epoch + 1, 0
         raise ValueError(f"{self.spec.entry}: lane {lane}'s shards hold no training documents.")
 
+    def tokens(self, doc_id: str, text: str, tokenizer: Any) -> np.ndarray:
+        """A document's ids followed by EOS (kept for the next lane where the source is in
+        memory: its documents come round again and again)."""
+        if self.in_memory is not None and doc_id in self._token_cache:
+            return self._token_cache[doc_id]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        eos = tokenizer.eos_token_id
+        ids = np.asarray([*ids, eos] if not ids or ids[-1] != eos else ids, np.int32)
+        if self.in_memory is not None:
+            self._token_cache[doc_id] = ids
+        return ids
+
     def next_position(self, position: Position) -> Position:
         """The position to read from after the document at `position`."""
         if self.in_memory is not None:
@@ -91,9 +104,7 @@ class Lane:
         self._reader: Iterator | None = None
 
     def _load(self, position: Position, doc_id: str, text: str) -> None:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        eos = self.tokenizer.eos_token_id
-        ids = np.asarray([*ids, eos] if not ids or ids[-1] != eos else ids, np.int32)
+        ids = self.source.tokens(doc_id, text, self.tokenizer)
         digest = hashlib.sha1(f"{self.seed}/{position[0]}/{doc_id}".encode()).hexdigest()
         self.position, self.tokens, self.used = position, np.roll(ids, -(int(digest[:8], 16)
                                                                         % len(ids))), 0
