@@ -90,6 +90,10 @@ class TrainCheckpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def should_save(self, step: int) -> bool:
+        """Whether `save(step, ...)` without `force` would write a checkpoint."""
+        return self.manager.should_save(step)
+
     def save(self, step: int, state, data_state: dict, metadata: dict, force: bool = False
              ) -> bool:
         flat, _ = flatten_tree(state)

@@ -388,8 +388,9 @@ def loop(run: Run, stop_after: int | None = None) -> dict[str, Any]:
                     scores = run.benchmark(nnx.merge(setup.graphdef, state["params"], setup.rest))
                     writer.write(step, {f"benchmark/{k}": v for k, v in scores.items()})
                 summary |= evaluation
-            run.checkpoints.save(step, state, run.iterator.get_state(), run.metadata,
-                                 force=step == last_step or preempted.requested)
+            force = step == last_step or preempted.requested
+            if force or run.checkpoints.should_save(step):  # the data state is a collective
+                run.checkpoints.save(step, state, run.iterator.get_state(), run.metadata, force)
     finally:
         run.checkpoints.wait()
         run.checkpoints.close()

@@ -7,6 +7,11 @@ from typing import Any
 import numpy as np
 
 
+def epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
+    """The order of `size` rows in epoch `epoch`: a permutation seeded with `(seed, epoch)`."""
+    return np.random.default_rng([seed, epoch]).permutation(size)
+
+
 class BatchIterator:
     """Infinite epochs of global batches, reshuffled each epoch by a permutation seeded with
     `(seed, epoch)`; the last partial batch of an epoch is dropped.
@@ -42,8 +47,7 @@ class BatchIterator:
 
     def _permutation(self) -> np.ndarray:
         if self._order is None or self._order[0] != self.epoch:
-            rng = np.random.default_rng([self.seed, self.epoch])
-            self._order = (self.epoch, rng.permutation(len(self.tokens)))
+            self._order = (self.epoch, epoch_order(self.seed, self.epoch, len(self.tokens)))
         return self._order[1]
 
     def __iter__(self) -> BatchIterator:

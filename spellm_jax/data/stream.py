@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from spellm_jax.data import sources
-from spellm_jax.data.iterator import BatchIterator
+from spellm_jax.data.iterator import epoch_order
 
 STATE_KIND = "streamed"
 Position = tuple[int, int, int]
@@ -146,14 +146,16 @@ class MemoryRows:
     """Rows already packed in memory (the teacher's generations): each epoch in a new order."""
 
     def __init__(self, tokens: np.ndarray, loss_mask: np.ndarray, seed: int) -> None:
-        self.rows = BatchIterator(tokens, loss_mask, 1, seed)
+        self.tokens, self.loss_mask, self.seed = tokens, loss_mask, seed
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its order)
 
     def row(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Row `index` of the endless stream of epochs."""
-        self.rows.epoch, position = divmod(index, self.rows.batches_per_epoch)
-        self.rows.position = position
-        batch = self.rows.next()
-        return batch["input_ids"][0], batch["loss_mask"][0]
+        epoch, position = divmod(index, len(self.tokens))
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_order(self.seed, epoch, len(self.tokens)))
+        chosen = self._order[1][position]
+        return self.tokens[chosen], self.loss_mask[chosen]
 
 
 @dataclasses.dataclass(frozen=True)
