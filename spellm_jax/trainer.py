@@ -77,6 +77,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         if value not in choices:
             raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}; "
                               f"set --config.{name}= to one of them.")
+    _validate_corpora(config)
     try:
         distill_spec(config)
     except ValueError as error:
@@ -96,7 +97,24 @@ def _fixed_choices(config: ml_collections.ConfigDict) -> list[tuple[str, Any, tu
               ("model.dtype", config.model.dtype, tuple(DTYPES)),
               ("model.param_dtype", config.model.param_dtype, tuple(DTYPES)),
               ("data.source", config.data.source, SOURCES)]
-    return fields + [("data.corpora", name, tuple(CORPORA)) for name in config.data.corpora]
+    generated = config.data.source != "corpus"  # the generations' prompts: built-ins only
+    return fields + [("data.corpora", name, tuple(CORPORA)) for name in config.data.corpora
+                     if generated]
+
+
+def _validate_corpora(config: ml_collections.ConfigDict) -> None:
+    """Every `data.corpora` entry parses (spellm_jax/data/sources.py), and lanes are positive."""
+    from spellm_jax.data.sources import parse_source
+
+    if not config.data.corpora:
+        raise ConfigError("data.corpora is empty; name at least one source.")
+    for entry in config.data.corpora:
+        try:
+            parse_source(entry)
+        except ValueError as error:
+            raise ConfigError(f"data.corpora: {error}") from error
+    if config.data.lanes < 1:
+        raise ConfigError(f"data.lanes={config.data.lanes}; each row slot needs at least one lane.")
 
 
 

@@ -45,6 +45,12 @@ def test_bad_configs_fail_before_any_compute():
                                         "model.scan_layers": True}), 1)
     with pytest.raises(ConfigError, match="fresh_lr_scale"):
         trainer.validate(tiny_config(**{"train.fresh_lr_scale": 0.0}), 1)
+    own = ("shakespeare", "gs://bucket/c4/*.jsonl.gz?weight=3", "tfds:c4/en:3.1.0")
+    trainer.validate(tiny_config(**{"data.corpora": own}), 1)  # any source streams
+    with pytest.raises(ConfigError, match=r"data.corpora: .*corpus.csv.*is not a built-in"):
+        trainer.validate(tiny_config(**{"data.corpora": ("corpus.csv",)}), 1)
+    with pytest.raises(ConfigError, match="not one of shakespeare, wiki"):  # prompts to generate
+        trainer.validate(tiny_config(**{"data.corpora": own, "data.source": "mixed"}), 1)
     command = [sys.executable, "-m", "spellm_jax.train", "--config=configs/llama.py:tiny",
                "--workdir=/nonexistent/never"]
     unknown = subprocess.run([*command, "--config.train.stepz=3"], capture_output=True, text=True)
