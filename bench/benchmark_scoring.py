@@ -14,19 +14,16 @@ bench/results/benchmark_scoring.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.decode import machine
+from bench.decode import machine, save_results
 from spellm_jax.benchmarks.models import load_run
 from spellm_jax.benchmarks.runner import DEFAULT_TASKS, prepare_task
 from spellm_jax.benchmarks.scoring import DEFAULT_BATCH, score_pairs
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
@@ -79,10 +76,7 @@ def main() -> None:
             f"{len(task.items) / median['teacher']:.2f} | {len(task.items) / median['spellm']:.2f} | "
             f"{tokens / median['teacher']:.0f} | {tokens / median['spellm']:.0f} | "
             f"{statistics.median(ratios):.3f}x | {min(ratios):.3f} to {max(ratios):.3f} |")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "benchmark_scoring.json").write_text(json.dumps(report, indent=2))
-    (RESULTS / "benchmark_scoring.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_results("benchmark_scoring", report, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,14 @@ SHAPES = {
 }
 
 
+def save_results(name: str, report: dict, markdown_text: str) -> None:
+    """`bench/results/NAME.json` and `NAME.md`, and the markdown on stdout."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (RESULTS / f"{name}.md").write_text(markdown_text)
+    print(markdown_text)
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     if Path("/proc/cpuinfo").exists():

@@ -12,14 +12,13 @@ slice), reporting tokens/s and the growth of the process's peak memory while str
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.decode import RESULTS, machine
+from bench.decode import machine, save_results
 from configs.llama import get_config
 from spellm_jax import runs
 
@@ -64,10 +63,7 @@ def main() -> None:
              f"{config.train.batch_size} x {config.train.seq_len} | {result['tokens_per_s']:,.0f} | "
              f"{args.step_tokens_per_s or '-'} | {ratio} | "
              f"{result['peak_rss_growth_mib']:.1f} MiB |\n")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "stream.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / "stream.md").write_text(table)
-    print(table)
+    save_results("stream", result, table)
 
 
 if __name__ == "__main__":
