@@ -55,7 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.loss.hard_weight = 1.0
     config.loss.temperature = 1.0
     config.loss.chunk_size = 64
-    config.loss.save_targets = True  # k x C floats per position kept for the backward pass
+    config.loss.save_targets = True  # k x C floats per position and path kept for the backward
+    config.loss.paths = 1  # chain kind: the soft loss follows the teacher's top-`paths` spellings
 
     config.data = ml_collections.ConfigDict()
     config.data.source = "corpus"  # self_generated | corpus | mixed (corpus measured best, see README)

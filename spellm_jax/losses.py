@@ -26,6 +26,10 @@ class LossConfig:
     # Keep each chunk's targets (k x C floats per position) for the backward pass rather than
     # recomputing the teacher's logits and targets there: faster, at that much activation memory.
     save_targets: bool = True
+    # Spellings per position the soft loss follows: the teacher's `paths` most likely tokens,
+    # each weighted by its share of their mass (1: the argmax only). More paths teach the chain
+    # decoder the conditionals beam search visits off the argmax's spelling.
+    paths: int = 1
 
     def __post_init__(self) -> None:
         if self.soft_weight < 0 or self.hard_weight < 0 or self.soft_weight + self.hard_weight == 0:
@@ -33,6 +37,8 @@ class LossConfig:
                              "must be >= 0 and at least one > 0.")
         if self.temperature <= 0 or self.chunk_size < 1:
             raise ValueError("loss temperature must be > 0 and chunk_size >= 1.")
+        if self.paths < 1:
+            raise ValueError(f"loss paths={self.paths}: must be >= 1.")
 
 
 # What a chunk's backward pass reads from its forward pass when `save_targets` is set.
@@ -41,24 +47,41 @@ SCALAR_METRICS = ("loss", "soft_kl", "hard_ce", "exact_token_acc", "truncated_sh
 PER_HEAD_METRICS = ("soft_kl_per_head", "head_acc")
 
 
+def _per_path(x: jax.Array, path_rows: jax.Array) -> jax.Array:
+    """`[..., P, k, C]` from a decoder's output for rows `[..., P, k]`: kinds blind to the rows
+    answer `[..., k, C]`, the same for every path."""
+    if x.ndim < path_rows.ndim + 1:
+        x = x[..., None, :, :]
+    return jnp.broadcast_to(x, (*path_rows.shape, x.shape[-1]))
+
+
 def position_losses(decoder: CharDecoder, hidden: jax.Array, teacher_logits: jax.Array,
                     spelling: DeviceSpelling, config: LossConfig) -> dict[str, jax.Array]:
     """Per-position losses and metrics (`SCALAR_METRICS` `[...]`, `PER_HEAD_METRICS` `[..., k]`)
     of the decoder on hidden states `[..., d]` against the teacher's logits `[..., V]`."""
     scaled = jnp.where(spelling.valid[...],
                        teacher_logits.astype(jnp.float32) / config.temperature, -jnp.inf)
-    teacher_token = jnp.argmax(scaled, axis=-1)
+    if config.paths == 1:
+        path_tokens, path_weights = jnp.argmax(scaled, axis=-1)[..., None], None
+    else:
+        top_logits, path_tokens = jax.lax.top_k(scaled, config.paths)  # [..., P], argmax first
+        path_weights = jax.nn.softmax(top_logits, axis=-1)
+    teacher_token = path_tokens[..., 0]
     # Proportional to the teacher's probabilities: the targets normalise, so no pass divides.
     token_weights = jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True))
-    target_rows = checkpoint_name(spelling.rows_of(teacher_token), "target_rows")  # [..., k]
-    targets = checkpoint_name(decoder.soft_targets(token_weights, target_rows, spelling),
-                              "soft_targets")  # [..., k, C]
-    weights = checkpoint_name(decoder.loss_weights(target_rows, spelling), "loss_weights")
-    char_logits = decoder.logits(hidden, target_rows)
+    path_rows = checkpoint_name(spelling.rows_of(path_tokens), "target_rows")  # [..., P, k]
+    targets = checkpoint_name(_per_path(decoder.soft_targets(token_weights, path_rows, spelling),
+                                        path_rows), "soft_targets")  # [..., P, k, C]
+    weights = checkpoint_name(decoder.loss_weights(path_rows, spelling), "loss_weights")
+    char_logits = _per_path(decoder.logits(hidden, path_rows), path_rows)
     student_log_probs = jax.nn.log_softmax(char_logits / config.temperature, axis=-1)
-    soft_per_head = jnp.sum(
+    soft_per_path = jnp.sum(
         jnp.where(targets > 0, targets * (jnp.log(jnp.maximum(targets, 1e-30)) - student_log_probs),
-                  0.0), axis=-1) * config.temperature**2 * weights  # [..., k]
+                  0.0), axis=-1) * config.temperature**2 * weights  # [..., P, k]
+    soft_per_head = (soft_per_path[..., 0, :] if path_weights is None
+                     else jnp.einsum("...p,...pk->...k", path_weights, soft_per_path))
+    # The hard loss and the accuracies follow the argmax's spelling alone.
+    target_rows, char_logits, weights = path_rows[..., 0, :], char_logits[..., 0, :, :], weights[..., 0, :]
     log_probs = jax.nn.log_softmax(char_logits, axis=-1)
     hard_per_head = -jnp.take_along_axis(log_probs, target_rows[..., None], axis=-1)[..., 0] * weights
     head_correct = jnp.argmax(char_logits, axis=-1) == target_rows

@@ -49,10 +49,11 @@ def runtime_options(config: ml_collections.ConfigDict) -> RuntimeOptions:
 
 def distill_spec(config: ml_collections.ConfigDict) -> DistillSpec:
     """The static part of a run's train step: what trains, and the loss."""
-    loss = config.loss  # a run recorded before `save_targets` existed takes its default
+    loss = config.loss  # a run recorded before `save_targets` or `paths` existed takes the default
     return DistillSpec(config.train.trainable, config.train.top_layers,
                        LossConfig(loss.soft_weight, loss.hard_weight, loss.temperature,
-                                  loss.chunk_size, loss.get("save_targets", LossConfig.save_targets)),
+                                  loss.chunk_size, loss.get("save_targets", LossConfig.save_targets),
+                                  loss.get("paths", LossConfig.paths)),
                        config.train.grad_accum)
 
 

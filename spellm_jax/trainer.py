@@ -78,6 +78,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
             raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}; "
                               f"set --config.{name}= to one of them.")
     _validate_corpora(config)
+    if config.loss.paths > 1 and config.heads.kind != "chain":
+        raise ConfigError(f"loss.paths={config.loss.paths} teaches only the chain decoder (the "
+                          f"{config.heads.kind} kind's targets do not depend on the spelling "
+                          "followed); set --config.loss.paths=1 or --config.heads.kind=chain.")
     try:
         distill_spec(config)
     except ValueError as error:

@@ -53,15 +53,27 @@ def test_conditional_targets_equal_brute_force():
     spelling = toy_spelling(table)
     rng = np.random.default_rng(1)
     probs = rng.dirichlet(np.full(V, 0.5), size=3).astype(np.float32)
-    targets_for = table[probs.argmax(-1)]
-    got = np.asarray(chain_targets(jnp.asarray(probs), jnp.asarray(targets_for), spelling))
-    for n in range(3):
-        for i in range(K):
-            prefix = [v for v in range(V) if tuple(table[v, :i]) == tuple(targets_for[n, :i])]
-            want = np.zeros(C)
-            for v in prefix:
-                want[table[v, i]] += probs[n, v]
-            np.testing.assert_allclose(got[n, i], want / want.sum(), atol=1e-6)
+    paths = table[np.argsort(-probs, axis=-1)[:, :3]]  # [3, P, K]: the top-3 tokens' spellings
+    got = np.asarray(chain_targets(jnp.asarray(probs), jnp.asarray(paths), spelling))
+    np.testing.assert_array_equal(  # one path without the path axis: the same targets
+        np.asarray(chain_targets(jnp.asarray(probs), jnp.asarray(paths[:, 0]), spelling)),
+        got[:, 0])
+    for n, p, i in itertools.product(range(3), range(3), range(K)):
+        prefix = [v for v in range(V) if tuple(table[v, :i]) == tuple(paths[n, p, :i])]
+        want = np.zeros(C)
+        for v in prefix:
+            want[table[v, i]] += probs[n, v]
+        np.testing.assert_allclose(got[n, p, i], want / want.sum(), atol=1e-6)
+
+
+def test_paths_share_the_hidden_state_and_follow_their_own_rows():
+    heads, table = toy_chain(8), toy_rows()
+    hidden = jnp.asarray(np.random.default_rng(9).normal(size=(4, D)), jnp.float32)
+    paths = jnp.asarray(table[:12].reshape(4, 3, K))
+    got = np.asarray(heads.logits(hidden, paths))  # [4, 3, K, C]
+    for p in range(3):
+        np.testing.assert_allclose(got[:, p], np.asarray(heads.logits(hidden, paths[:, p])),
+                                   atol=1e-6)
 
 
 def test_the_chain_starts_as_the_independent_heads():

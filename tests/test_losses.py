@@ -1,6 +1,7 @@
 """Symbol marginals by segment-sum, their optimality among factorized distributions, and the
 chunked distillation loss."""
 
+import dataclasses
 import types
 
 import jax
@@ -125,19 +126,15 @@ class DefinitionTargets:
         return running_prefix_targets(token_weights, rows, spelling, self.chain)
 
 
-@pytest.mark.parametrize("kind", ["independent", "chain"])
-def test_the_loss_on_the_real_vocabulary_equals_its_definition_with_gradients(kind):
-    """On SmolLM2's table (truncated and duplicate rows, invalid tokens): the trie's prefix sums
-    (chain) and segment-sums (independent) give the loss and gradients of the targets' definition,
-    whether the backward pass reads saved targets or recomputes the teacher."""
+def _real_vocabulary_case(kind: str, d: int = 32, batch: int = 2, length: int = 16):
+    """SmolLM2's spelling table, random hidden states, a random teacher head `[d, V]`, a
+    randomly initialised decoder of `kind` (split) and a random position mask."""
     from spellm_jax.models.char_decoders import build_decoder
     from spellm_jax.spelling import SpellingTable
     from spellm_jax.tokenizers import load_tokenizer
 
     table = SpellingTable.from_tokenizer(load_tokenizer("smollm2"), 16)
-    spelling = DeviceSpelling.of(table)
     rng = np.random.RandomState(6)
-    d, batch, length = 32, 2, 16
     hidden = jnp.asarray(rng.normal(size=(batch, length, d)), jnp.float32)
     teacher_w = jnp.asarray(rng.normal(0, 0.6, size=(d, table.vocab_size)), jnp.float32)
     decoder = build_decoder(d, HeadsConfig(16, table.num_symbols, kind=kind, init="normal"),
@@ -145,6 +142,15 @@ def test_the_loss_on_the_real_vocabulary_equals_its_definition_with_gradients(ki
     graphdef, params, rest = nnx.split(decoder, nnx.Param, ...)
     params = jax.tree.map(lambda p: jnp.asarray(rng.normal(0, 0.2, p.shape), p.dtype), params)
     mask = jnp.asarray(rng.rand(batch, length) > 0.2)
+    return DeviceSpelling.of(table), hidden, teacher_w, (graphdef, params, rest), mask
+
+
+@pytest.mark.parametrize("kind", ["independent", "chain"])
+def test_the_loss_on_the_real_vocabulary_equals_its_definition_with_gradients(kind):
+    """On SmolLM2's table (truncated and duplicate rows, invalid tokens): the trie's prefix sums
+    (chain) and segment-sums (independent) give the loss and gradients of the targets' definition,
+    whether the backward pass reads saved targets or recomputes the teacher."""
+    spelling, hidden, teacher_w, (graphdef, params, rest), mask = _real_vocabulary_case(kind)
 
     def loss(params, save_targets: bool, definition: bool):
         config = LossConfig(soft_weight=0.7, hard_weight=0.3, chunk_size=8,
@@ -161,3 +167,31 @@ def test_the_loss_on_the_real_vocabulary_equals_its_definition_with_gradients(ki
         np.testing.assert_allclose(got, want, rtol=1e-5)
         for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad), strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()))
+
+
+def test_the_soft_loss_over_paths_is_their_mass_weighted_sum():
+    """`paths=3`: the soft KL at each position is the teacher-mass-weighted mean of the KLs along
+    the spellings of its three most likely tokens (each with its own definition's targets and
+    the decoder's logits along that spelling); the hard loss still follows the argmax."""
+    spelling, hidden, teacher_w, (graphdef, params, rest), mask = _real_vocabulary_case("chain")
+    heads = nnx.merge(graphdef, params, rest)
+    logits = hidden @ teacher_w
+    scaled = jnp.where(spelling.valid[...], logits, -jnp.inf)
+    top_logits, top_tokens = jax.lax.top_k(scaled, 3)
+    path_weights = jax.nn.softmax(top_logits, axis=-1)
+    want = jnp.zeros(mask.shape)
+    for p in range(3):
+        rows = spelling.rows_of(top_tokens[..., p])
+        targets = running_prefix_targets(jnp.exp(scaled - scaled.max(-1, keepdims=True)), rows,
+                                         spelling, chain=True)
+        log_q = jax.nn.log_softmax(heads.logits(hidden, rows), axis=-1)
+        kl = jnp.sum(jnp.where(targets > 0, targets * (jnp.log(jnp.maximum(targets, 1e-30))
+                                                       - log_q), 0.0), -1)
+        want += path_weights[..., p] * (kl * heads.loss_weights(rows, spelling)).sum(-1)
+    config = LossConfig(soft_weight=1.0, hard_weight=1.0, chunk_size=8, paths=3)
+    _, sums = chunked_distillation_loss(hidden, hidden, heads, lambda h: h @ teacher_w, spelling,
+                                        mask, config)
+    np.testing.assert_allclose(sums["soft_kl"], (want * mask).sum(), rtol=1e-5)
+    _, one_path = chunked_distillation_loss(hidden, hidden, heads, lambda h: h @ teacher_w,
+                                            spelling, mask, dataclasses.replace(config, paths=1))
+    np.testing.assert_allclose(sums["hard_ce"], one_path["hard_ce"], rtol=1e-6)

@@ -45,6 +45,11 @@ def test_bad_configs_fail_before_any_compute():
                                         "model.scan_layers": True}), 1)
     with pytest.raises(ConfigError, match="fresh_lr_scale"):
         trainer.validate(tiny_config(**{"train.fresh_lr_scale": 0.0}), 1)
+    with pytest.raises(ConfigError, match="paths=3 teaches only the chain decoder"):
+        trainer.validate(tiny_config(**{"loss.paths": 3}), 1)
+    with pytest.raises(ConfigError, match="paths=0: must be >= 1"):
+        trainer.validate(tiny_config(**{"loss.paths": 0, "heads.kind": "chain"}), 1)
+    trainer.validate(tiny_config(**{"loss.paths": 3, "heads.kind": "chain"}), 1)
     own = ("shakespeare", "gs://bucket/c4/*.jsonl.gz?weight=3", "tfds:c4/en:3.1.0")
     trainer.validate(tiny_config(**{"data.corpora": own}), 1)  # any source streams
     with pytest.raises(ConfigError, match=r"data.corpora: .*corpus.csv.*is not a built-in"):
@@ -130,7 +135,7 @@ def test_a_run_recorded_before_a_loss_option_existed_still_loads(tiny_chain_run,
     _, workdir = tiny_chain_run
     old = shutil.copytree(workdir, tmp_path / "old")
     metadata = json.loads((old / runs.METADATA_FILE).read_text())
-    del metadata["config"]["loss"]["save_targets"]
+    del metadata["config"]["loss"]["save_targets"], metadata["config"]["loss"]["paths"]
     (old / runs.METADATA_FILE).write_text(json.dumps(metadata))
     model, _, _ = runs.load_spellm(old)
     reference, _, _ = runs.load_spellm(workdir)

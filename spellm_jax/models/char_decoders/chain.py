@@ -56,36 +56,42 @@ class BlockPrefixSums:
 
 def chain_targets(token_weights: jax.Array, rows: jax.Array, spelling: DeviceSpelling
                   ) -> jax.Array:
-    """`q_i(c | rows_<i)` `[..., k, C]`: the mass of the tokens whose rows continue `rows[..., :i]`
-    with c, over the mass of the tokens whose rows start with it; PAD gets the mass of the tokens
-    equal to the prefix. `token_weights` `[..., V]` need only be proportional to the teacher's
-    probabilities. In the trie's order every prefix is a contiguous range of tokens and its
-    children a contiguous run of `trie_child_starts`, so each child's mass is a difference of
-    prefix sums: O(V) per position for the sums, then O(C) lookups per head (no `[..., V, k]`
+    """`q_i(c | rows_<i)` `[..., (P,) k, C]`: the mass of the tokens whose rows continue
+    `rows[..., :i]` with c, over the mass of the tokens whose rows start with it; PAD gets the mass
+    of the tokens equal to the prefix. `token_weights` `[..., V]` need only be proportional to the
+    teacher's probabilities; `rows` `[..., k]`, or `[..., P, k]` for P paths per position. In the
+    trie's order every prefix is a contiguous range of tokens and its children a contiguous run of
+    `trie_child_starts`, so each child's mass is a difference of prefix sums: O(V) per position
+    for the sums (shared by the paths), then O(C) lookups per head and path (no `[..., V, k]`
     array, no per-head pass over the vocabulary)."""
     k, c = spelling.k, spelling.num_symbols
     lead, vocab_size = token_weights.shape[:-1], token_weights.shape[-1]
+    path_shape = rows.shape[len(lead):-1]
     weights = token_weights.reshape(-1, vocab_size)  # [N, V]
     n = len(weights)
-    rows = rows.reshape(-1, k)
+    rows = rows.reshape(n, -1, k)  # [N, P, k]
+    paths = rows.shape[1]
     trie_tokens = spelling.trie_tokens[...]
     sums = BlockPrefixSums.of(jnp.where(trie_tokens >= 0, weights[:, trie_tokens], 0.0))
-    lo = jnp.zeros((n, 1), jnp.int32)
-    hi = jnp.full((n, 1), spelling.trie_count, jnp.int32)
-    children, positions = jnp.arange(c)[None], jnp.arange(n)[:, None]
+    lo = jnp.zeros((n, paths, 1), jnp.int32)
+    hi = jnp.full((n, paths, 1), spelling.trie_count, jnp.int32)
+    children = jnp.arange(c)
+    positions, path = jnp.arange(n)[:, None, None], jnp.arange(paths)[None, :, None]
     targets = []
     for i in range(k):
         starts = spelling.trie_child_starts[...][i]  # [V + 1]
-        first, stop = jnp.searchsorted(starts, lo), jnp.searchsorted(starts, hi)  # [N, 1]
-        child = jnp.minimum(first + children, vocab_size - 1)  # [N, C]: the prefix's children
+        first, stop = jnp.searchsorted(starts, lo), jnp.searchsorted(starts, hi)  # [N, P, 1]
+        child = jnp.minimum(first + children, vocab_size - 1)  # [N, P, C]: the prefix's children
         present = first + children < stop
         begin, end = starts[child], starts[child + 1]
-        mass = jnp.maximum(sums.before(end) - sums.before(begin), 0.0)
+        mass = jnp.maximum(sums.before(end.reshape(n, -1)) - sums.before(begin.reshape(n, -1)),
+                           0.0).reshape(n, paths, c)
         symbol = jnp.where(present, spelling.trie_rows[...][begin, i], c)  # c: dropped
-        target = jnp.zeros((n, c), weights.dtype).at[positions, symbol].add(mass, mode="drop")
+        target = jnp.zeros((n, paths, c), weights.dtype).at[positions, path, symbol].add(
+            mass, mode="drop")
         targets.append(target / jnp.maximum(target.sum(-1, keepdims=True), 1e-30))
-        lo, hi = spelling.trie_narrow(i, lo, hi, rows[:, i:i + 1])
-    return jnp.stack(targets, axis=1).reshape(*lead, k, c)
+        lo, hi = spelling.trie_narrow(i, lo, hi, rows[:, :, i:i + 1])
+    return jnp.stack(targets, axis=2).reshape(*lead, *path_shape, k, c)
 
 
 def up_to_first_pad(rows: jax.Array, pad: int) -> jax.Array:
@@ -134,19 +140,20 @@ class ChainHeads(IndependentHeads):
     # -- the CharDecoder interface -------------------------------------------------------------
 
     def logits(self, hidden: jax.Array, rows: jax.Array | None = None) -> jax.Array:
-        """Symbol i's logits `[..., k, C]` given `rows[..., :i]` (the decoder's own greedy row
-        when None)."""
+        """Symbol i's logits `[..., (P,) k, C]` given `rows[..., (P,) :i]` (P paths per hidden
+        state sharing its `W_i h`; the decoder's own greedy row when None)."""
         k, c = self.config.k, self.config.num_symbols
         flat = hidden.reshape(-1, hidden.shape[-1])
         if rows is None:
-            rows = self.choose(flat, None)
-        rows = rows.reshape(-1, k)
-        step, state = self._stepper(flat, 1)
+            rows = self.choose(flat, None).reshape(*hidden.shape[:-1], k)
+        path_shape = rows.shape[hidden.ndim - 1:-1]
+        rows = rows.reshape(len(flat), -1, k)  # [N, P, k]
+        step, state = self._stepper(flat, rows.shape[1])
         out = []
         for i in range(k):
-            logits, state = step(state, None if i == 0 else rows[:, i - 1:i], i)
-            out.append(logits[:, 0])
-        return jnp.stack(out, axis=1).reshape(*hidden.shape[:-1], k, c)
+            logits, state = step(state, None if i == 0 else rows[:, :, i - 1], i)
+            out.append(logits)
+        return jnp.stack(out, axis=2).reshape(*hidden.shape[:-1], *path_shape, k, c)
 
     def choose(self, hidden: jax.Array, spelling: DeviceSpelling | None,
                key: jax.Array | None = None, sampling: Sampling = GREEDY,
