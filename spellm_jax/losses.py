@@ -62,10 +62,11 @@ def position_losses(decoder: CharDecoder, hidden: jax.Array, teacher_logits: jax
     scaled = jnp.where(spelling.valid[...],
                        teacher_logits.astype(jnp.float32) / config.temperature, -jnp.inf)
     if config.paths == 1:
-        path_tokens, path_weights = jnp.argmax(scaled, axis=-1)[..., None], None
+        path_tokens = jnp.argmax(scaled, axis=-1)[..., None]
+        path_logits = jnp.take_along_axis(scaled, path_tokens, axis=-1)
     else:
-        top_logits, path_tokens = jax.lax.top_k(scaled, config.paths)  # [..., P], argmax first
-        path_weights = jax.nn.softmax(top_logits, axis=-1)
+        path_logits, path_tokens = jax.lax.top_k(scaled, config.paths)  # [..., P], argmax first
+    path_weights = jax.nn.softmax(path_logits, axis=-1)  # exactly 1.0 for one path
     teacher_token = path_tokens[..., 0]
     # Proportional to the teacher's probabilities: the targets normalise, so no pass divides.
     token_weights = jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True))
@@ -78,8 +79,7 @@ def position_losses(decoder: CharDecoder, hidden: jax.Array, teacher_logits: jax
     soft_per_path = jnp.sum(
         jnp.where(targets > 0, targets * (jnp.log(jnp.maximum(targets, 1e-30)) - student_log_probs),
                   0.0), axis=-1) * config.temperature**2 * weights  # [..., P, k]
-    soft_per_head = (soft_per_path[..., 0, :] if path_weights is None
-                     else jnp.einsum("...p,...pk->...k", path_weights, soft_per_path))
+    soft_per_head = jnp.einsum("...p,...pk->...k", path_weights, soft_per_path)
     # The hard loss and the accuracies follow the argmax's spelling alone.
     target_rows, char_logits, weights = path_rows[..., 0, :], char_logits[..., 0, :, :], weights[..., 0, :]
     log_probs = jax.nn.log_softmax(char_logits, axis=-1)

@@ -58,7 +58,9 @@ class CharDecoder(Protocol):
 
     def logits(self, hidden: jax.Array, rows: jax.Array | None = None) -> jax.Array:
         """Teacher-forced symbol logits `[..., k, C]` (fp32): symbol i given `rows[..., :i]`
-        (`[..., k]`); with `rows=None`, given the decoder's own greedy choices."""
+        (`[..., k]`); for rows `[..., P, k]` (P paths per hidden state, the loss's
+        `paths`), `[..., P, k, C]`, or `[..., k, C]` from kinds blind to the rows; with
+        `rows=None`, given the decoder's own greedy choices."""
         ...
 
     def choose(self, hidden: jax.Array, spelling: DeviceSpelling, key: jax.Array | None = None,
@@ -78,7 +80,8 @@ class CharDecoder(Protocol):
     def soft_targets(self, token_weights: jax.Array, rows: jax.Array, spelling: DeviceSpelling
                      ) -> jax.Array:
         """The distillation targets `[..., k, C]` (each head's a distribution) for token weights
-        `[..., V]` proportional to the teacher's probabilities, along the target rows `[..., k]`."""
+        `[..., V]` proportional to the teacher's probabilities, along the target rows `[..., k]`
+        (or `[..., P, k]`: shaped as `logits`)."""
         ...
 
     def loss_weights(self, rows: jax.Array, spelling: DeviceSpelling) -> jax.Array:
