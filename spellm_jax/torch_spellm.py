@@ -202,11 +202,14 @@ class TorchChainHeads(TorchIndependentHeads):
 
     def _step(self, hidden: torch.Tensor):
         base = super().logits(hidden)  # [k, C]
+        step_in = self._get("step_in")  # [d, k - 1, r] where every step rereads the hidden state
 
         def step(s, previous, i):
             if previous is not None:
-                s = nn.functional.silu(s @ self._get("transition")
-                                       + self._get("symbol_embed")[i][previous])
+                drive = self._get("symbol_embed")[i][previous]
+                if step_in is not None:
+                    drive = drive + hidden.float() @ step_in[:, i - 1]
+                s = nn.functional.silu(s @ self._get("transition") + drive)
             return base[i] + s @ self._get("readout")[i], s
 
         return step, torch.tanh(hidden.float() @ self._get("state_in"))[None]

@@ -185,7 +185,8 @@ def heads_config(config: ml_collections.ConfigDict, k: int, num_symbols: int) ->
     heads = config.heads
     return HeadsConfig(k=k, num_symbols=num_symbols, kind=heads.kind, use_bias=heads.use_bias,
                        adapter=heads.adapter, init=heads.init,
-                       recurrent_width=heads.recurrent_width)
+                       recurrent_width=heads.recurrent_width,
+                       hidden_every_step=heads.get("hidden_every_step", False))
 
 
 def optimizer_for(config: ml_collections.ConfigDict, decoder: type) -> optax.GradientTransformation:

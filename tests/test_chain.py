@@ -7,6 +7,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from spellm_jax.distill import make_optimizer
@@ -39,8 +40,10 @@ def toy_spelling(table: np.ndarray) -> DeviceSpelling:
         vocab_size=V))
 
 
-def toy_chain(seed: int = 0, readout_scale: float = 1.0) -> ChainHeads:
-    config = HeadsConfig(K, C, kind="chain", init="normal", recurrent_width=8)
+def toy_chain(seed: int = 0, readout_scale: float = 1.0, hidden_every_step: bool = False
+              ) -> ChainHeads:
+    config = HeadsConfig(K, C, kind="chain", init="normal", recurrent_width=8,
+                         hidden_every_step=hidden_every_step)
     heads = ChainHeads(D, config, RuntimeOptions(), nnx.Rngs(seed))
     rng = np.random.default_rng(seed)
     for _, variable in nnx.to_flat_state(nnx.state(heads, nnx.Param)):
@@ -66,8 +69,9 @@ def test_conditional_targets_equal_brute_force():
         np.testing.assert_allclose(got[n, p, i], want / want.sum(), atol=1e-6)
 
 
-def test_paths_share_the_hidden_state_and_follow_their_own_rows():
-    heads, table = toy_chain(8), toy_rows()
+@pytest.mark.parametrize("hidden_every_step", [False, True])
+def test_paths_share_the_hidden_state_and_follow_their_own_rows(hidden_every_step):
+    heads, table = toy_chain(8, hidden_every_step=hidden_every_step), toy_rows()
     hidden = jnp.asarray(np.random.default_rng(9).normal(size=(4, D)), jnp.float32)
     paths = jnp.asarray(table[:12].reshape(4, 3, K))
     got = np.asarray(heads.logits(hidden, paths))  # [4, 3, K, C]
@@ -76,8 +80,9 @@ def test_paths_share_the_hidden_state_and_follow_their_own_rows():
                                    atol=1e-6)
 
 
-def test_the_chain_starts_as_the_independent_heads():
-    config = HeadsConfig(K, C, kind="chain", init="normal")
+@pytest.mark.parametrize("hidden_every_step", [False, True])
+def test_the_chain_starts_as_the_independent_heads(hidden_every_step):
+    config = HeadsConfig(K, C, kind="chain", init="normal", hidden_every_step=hidden_every_step)
     chain = ChainHeads(D, config, RuntimeOptions(), nnx.Rngs(0))
     independent = IndependentHeads(D, HeadsConfig(K, C, init="normal"), RuntimeOptions(),
                                    nnx.Rngs(0))
@@ -98,8 +103,9 @@ def _string_log_prob(heads, hidden, row) -> float:
     return total
 
 
-def test_beam_one_is_greedy_and_wide_beams_find_better_strings():
-    heads, spelling = toy_chain(3), toy_spelling(toy_rows())
+@pytest.mark.parametrize("hidden_every_step", [False, True])
+def test_beam_one_is_greedy_and_wide_beams_find_better_strings(hidden_every_step):
+    heads, spelling = toy_chain(3, hidden_every_step=hidden_every_step), toy_spelling(toy_rows())
     hidden = jnp.asarray(np.random.default_rng(4).normal(size=(6, D)), jnp.float32)
     greedy = np.asarray(heads.choose(hidden, spelling))
     np.testing.assert_array_equal(np.asarray(heads.choose(hidden, spelling, beam=1)), greedy)

@@ -22,6 +22,8 @@ VARIANTS = {  # trained briefly so that every tensor differs from its initial va
     "full": {},  # "chain": the session's `tiny_chain_run`
     "lora_shared_adapter": {"train.trainable": "lora", "heads.adapter": "shared",
                             "train.learning_rate": 3e-2},
+    "chain_hidden_every_step": {"heads.kind": "chain", "heads.hidden_every_step": True,
+                                "train.learning_rate": 3e-2},
 }
 
 

@@ -30,6 +30,8 @@ def step_flops(config: ml_collections.ConfigDict, model: ModelConfig, heads: Hea
     decoder = 2 * head_cost(model.hidden_size, model.vocab_size, heads)["heads_macs"]
     if heads.kind == "chain":
         decoder += 2 * heads.k * heads.recurrent_width * (heads.recurrent_width + heads.num_symbols)
+        if heads.hidden_every_step:
+            decoder += 2 * (heads.k - 1) * heads.recurrent_width * model.hidden_size
     trained = {"heads": 0, "top_layers": train.top_layers, "lora": layers, "full": layers}[
         train.trainable]
     weights_train = train.trainable in ("top_layers", "full")

@@ -40,6 +40,7 @@ class HeadsConfig:
     adapter_multiplier: int = 4  # adapter hidden width = multiplier * d
     init: HeadInit = "lm_head_mean"
     recurrent_width: int = 128  # the chain kind's state over the symbols chosen so far
+    hidden_every_step: bool = False  # chain: every recurrent step rereads the hidden state
 
     def __post_init__(self) -> None:
         if self.kind not in DECODER_KINDS:

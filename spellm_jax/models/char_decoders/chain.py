@@ -1,8 +1,9 @@
 """The chain-rule character decoder: head i sees the symbols chosen before it.
 
 Linear heads on the final hidden state plus a small recurrence of width r fed the previous
-symbol: `s_0 = tanh(P h)`, `s_i = silu(U s_{i-1} + E_i[c_{i-1}])`, `logits_i = W_i h + b_i +
-V_i s_i`. `V` starts at zero, so the decoder starts as the independent heads (and takes their
+symbol: `s_0 = tanh(P h)`, `s_i = silu(U s_{i-1} + E_i[c_{i-1}] (+ Q_i h))`, `logits_i = W_i h +
+b_i + V_i s_i`; with `hidden_every_step` every step rereads the hidden state through its `Q_i`.
+`V` (and `Q`) start at zero, so the decoder starts as the independent heads (and takes their
 trained `kernel` and `bias` from an independent run). The string distribution is the product of
 the conditionals, so its targets are the teacher's exact conditionals along the target spelling:
 `q_i(c | prefix)`, the teacher's mass on tokens continuing the prefix with c over its mass on the
@@ -105,6 +106,8 @@ class ChainHeads(IndependentHeads):
     """The independent heads' `W_i h + b_i` (same parameters and names) plus the width-r
     recurrence over the symbols chosen so far."""
 
+    # `step_in` (Q) is left out: it multiplies h itself, unbounded, so the fresh learning rate
+    # would move `Q h` by tens in one step.
     FRESH_PARAMETERS = ("state_in", "transition", "symbol_embed", "readout")
 
     def __init__(self, d: int, config: HeadsConfig, options: RuntimeOptions, rngs: nnx.Rngs):
@@ -120,17 +123,26 @@ class ChainHeads(IndependentHeads):
         self.symbol_embed = param(normal(1.0), (k, c, r), ("char_head", "char_vocab", "char_state"))
         self.readout = param(jax.nn.initializers.zeros, (k, r, c),
                              ("char_head", "char_state", "char_vocab"))
+        if config.hidden_every_step:  # Q_i for the steps after the first; zero: s_i as without
+            self.step_in = param(jax.nn.initializers.zeros, (d, k - 1, r),
+                                 ("embed", "char_head", "char_state"))
 
     def _stepper(self, hidden: jax.Array, beam: int):
         """`(step, initial state)` for `search`: hidden `[N, d]`, hypotheses `[N, beam]`."""
         base = super().logits(hidden)  # [N, k, C]: W_i h + b_i + the symbol mask
         s0 = jnp.tanh(hidden.astype(self.dtype) @ self.state_in[...].astype(self.dtype))
         s0 = jnp.broadcast_to(s0[:, None], (s0.shape[0], beam, s0.shape[-1]))
+        reread = None
+        if self.config.hidden_every_step:  # [N, k - 1, r]: one matmul for every step
+            reread = jnp.einsum("nd,dkr->nkr", hidden.astype(self.dtype),
+                                self.step_in[...].astype(self.dtype))
 
         def step(s, previous, i):
             if previous is not None:
-                embed = self.symbol_embed[...][i].astype(self.dtype)[previous]  # [N, B, r]
-                s = jax.nn.silu(s @ self.transition[...].astype(self.dtype) + embed)
+                drive = self.symbol_embed[...][i].astype(self.dtype)[previous]  # [N, B, r]
+                if reread is not None:
+                    drive = drive + reread[:, None, i - 1]
+                s = jax.nn.silu(s @ self.transition[...].astype(self.dtype) + drive)
             correction = jnp.einsum("nbr,rc->nbc", s, self.readout[...][i].astype(self.dtype),
                                     preferred_element_type=jnp.float32)
             return base[:, None, i] + correction, s
