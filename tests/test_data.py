@@ -4,11 +4,12 @@ temporary cache that links only the assets."""
 
 import json
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
 
-from spellm_jax import assets, decoding
+from spellm_jax import decoding
 from spellm_jax.data import (
     BatchIterator,
     SelfGeneratedSpec,
@@ -28,6 +29,7 @@ from spellm_jax.data import (
     training_data,
 )
 from spellm_jax.data import self_generated as self_generated_lib
+from tests.conftest import linked_cache
 
 EOS = 2
 
@@ -48,10 +50,7 @@ def tokenizer(teacher):
 @pytest.fixture(scope="module")
 def cache(teacher, tmp_path_factory):
     """An empty SPELLM_CACHE holding links to the assets (fetched into the user cache once)."""
-    path = tmp_path_factory.mktemp("spellm_cache")
-    for asset in (assets.SMOLLM2, assets.SHAKESPEARE, assets.GENSIM_WIKI):
-        assets.fetch(asset, quiet=True)
-        (path / asset.name).symlink_to(assets.cache_dir() / asset.name)
+    path = linked_cache(tmp_path_factory.mktemp("spellm_cache"))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SPELLM_CACHE", str(path))
         yield path
@@ -224,6 +223,17 @@ def sampler_of(teacher, spec: SelfGeneratedSpec):
                                     spec.new_tokens)
 
 
+def on_mesh(model, mesh_shape: tuple[int, int, int]):
+    """`model` laid out on a mesh of the 8 devices by the rules, as the trainer places it."""
+    from flax import nnx
+
+    from spellm_jax import sharding
+
+    mesh = sharding.make_mesh(mesh_shape)
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.device_put(state, sharding.shardings_of(state, mesh))), mesh
+
+
 def tiny_spec(num_samples: int, **overrides) -> SelfGeneratedSpec:
     # prompts of 20-24 tokens share one padded prompt length, hence one compilation
     settings = dict(corpora=("shakespeare",), num_samples=num_samples, prompt_tokens=(20, 24),
@@ -269,6 +279,23 @@ def test_self_generated_resumes_and_is_deterministic(cache, teacher, tokenizer):
         corpus, doc_id = sample.doc_id.split("/")
         assert corpus == "shakespeare" and doc_id in train
         assert decode(tokenizer, sample.ids[:sample.prompt_length]) in train[doc_id]
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1)])
+def test_sharded_generation_equals_one_device(cache, teacher, tokenizer, mesh_shape):
+    spec = tiny_spec(16, batch_size=8)
+    directory = generate_shards(spec, tokenizer, sampler_of(teacher, spec), progress=False)
+    want = [s.ids.tolist() for s in read_samples(spec)]
+    for path in directory.glob("part-*.npz"):
+        path.unlink()
+    model, mesh = on_mesh(teacher[0], mesh_shape)
+    rule = decoding.LMHeadRule(spec.sampling)
+    generate_shards(spec, tokenizer, lambda: decoding.sampler(model, tokenizer, rule,
+                                                              spec.new_tokens, mesh),
+                    progress=False)
+    assert [s.ids.tolist() for s in read_samples(spec)] == want
+    with pytest.raises(ValueError, match="cannot be split over the mesh's 8 batch shards"):
+        decoding.generate(model, [[1, 2, 3]] * 4, 2, rule, mesh=mesh)
 
 
 def test_prompts_come_from_their_split_only(cache, tokenizer):

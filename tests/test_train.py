@@ -43,6 +43,9 @@ def test_bad_configs_fail_before_any_compute():
     with pytest.raises(ConfigError, match="scan_layers=False"):
         trainer.validate(tiny_config(**{"train.trainable": "top_layers",
                                         "model.scan_layers": True}), 1)
+    with pytest.raises(ConfigError, match="generation_batch=12: .* pick a multiple of 8"):
+        trainer.validate(tiny_config(**{"data.source": "mixed", "data.generation_batch": 12}), 8)
+    trainer.validate(tiny_config(**{"data.generation_batch": 12}), 8)  # corpus: no generation
     with pytest.raises(ConfigError, match="fresh_lr_scale"):
         trainer.validate(tiny_config(**{"train.fresh_lr_scale": 0.0}), 1)
     with pytest.raises(ConfigError, match="paths=3 teaches only the chain decoder"):

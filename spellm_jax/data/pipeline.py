@@ -65,7 +65,8 @@ def training_data(config: Any, tokenizer: Any, teacher_source: str,
                                               SourceLanes(spec, num_lanes, seed, index)))
     if source in ("self_generated", "mixed"):
         spec = self_generated_spec(config, teacher_source)
-        samples = load_self_generated(spec, tokenizer, sampler)
+        samples = load_self_generated(spec, tokenizer, sampler, process_index=process_index,
+                                      process_count=process_count)
         packed = pack_ids([sample.ids for sample in samples], seq_len, tokenizer.eos_token_id,
                           tokenizers.pad_id(tokenizer))
         row_sources.append(PackedSource(f"self_generated:{spec.cache_key()}", 1.0,

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -184,29 +185,57 @@ def read_shard(path: Path) -> list[Sample]:
                 in zip(pieces, shard["prompt_lengths"], shard["doc_ids"], strict=True)]
 
 
+def _missing_batches(spec: SelfGeneratedSpec, directory: Path, process_count: int) -> list[int]:
+    """The batches some host lacks: every host must take part in generating each of them."""
+    lacking = np.array([not _shard_path(directory, b).exists() for b in range(spec.num_batches)])
+    if process_count > 1:
+        from jax.experimental import multihost_utils
+
+        lacking = np.asarray(multihost_utils.process_allgather(lacking)).any(0)
+    return [int(b) for b in np.flatnonzero(lacking)]
+
+
 def generate_shards(spec: SelfGeneratedSpec, tokenizer: Any, sampler: Callable[[], Sampler],
-                    progress: bool = True) -> Path:
+                    progress: bool = True, process_index: int = 0, process_count: int = 1
+                    ) -> Path:
     """Generates the batches of `spec` that are missing and returns the shard directory.
 
     `sampler()` gives the teacher's `Sampler`; it is called only if something is left to
     generate, and must sample from the model that `spec.teacher` names with the spec's settings:
-    the cache is keyed by them.
+    the cache is keyed by them. On several hosts every host calls this: each batch is generated
+    once by all of them together (the sampler splits it over the mesh), and host `b % count`
+    writes shard b; a host whose cache directory is not shared with that host's writes its own
+    copy, so every host ends with every shard.
     """
     directory = shard_dir(spec)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "spec.json").write_text(json.dumps(spec.key_fields(), indent=2, sort_keys=True))
-    done = num_shards(directory)
-    if done >= spec.num_batches:
+    if process_index == 0:
+        (directory / "spec.json").write_text(json.dumps(spec.key_fields(), indent=2,
+                                                        sort_keys=True))
+    missing = _missing_batches(spec, directory, process_count)
+    if not missing:
         return directory
     continue_prompts = sampler()
     documents = corpora.load_corpora(spec.corpora, spec.split)
-    bar = tqdm.tqdm(range(done, spec.num_batches), initial=done, total=spec.num_batches,
-                    unit="batch", desc=f"teacher generations ({directory.name})", disable=not progress)
+    bar = tqdm.tqdm(missing, initial=spec.num_batches - len(missing), total=spec.num_batches,
+                    unit="batch", desc=f"teacher generations ({directory.name})",
+                    disable=not progress or process_index != 0)
+    started, new_tokens = time.perf_counter(), 0
     for batch in bar:
         rng = _batch_rng(spec, batch)
         prompts = sample_prompts(documents, tokenizer, spec.batch_size, spec.prompt_tokens, rng)
         continuations = continue_prompts([p.ids for p in prompts], int(rng.integers(2**31)))
-        _write_shard(_shard_path(directory, batch), prompts, continuations)
+        path = _shard_path(directory, batch)
+        if batch % process_count == process_index:
+            _write_shard(path, prompts, continuations)
+        if process_count > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"self_generated shard {batch}")
+            if not path.exists():  # not a store shared with the writer
+                _write_shard(path, prompts, continuations)
+        new_tokens += sum(map(len, continuations))
+        bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - started):.0f}")
     return directory
 
 
@@ -253,11 +282,20 @@ class SelfGenerated(tfds.core.GeneratorBasedBuilder):
 
 
 def load_self_generated(spec: SelfGeneratedSpec, tokenizer: Any, sampler: Callable[[], Sampler],
-                        progress: bool = True) -> list[Sample]:
+                        progress: bool = True, process_index: int = 0, process_count: int = 1
+                        ) -> list[Sample]:
     """The samples of `spec`: generated where missing (resumable, see `generate_shards`), then
-    read through the `SelfGenerated` tfds builder."""
-    generate_shards(spec, tokenizer, sampler, progress)
-    examples = tfds_io.read_split(SelfGenerated(spec=spec), spec.split)
+    read through the `SelfGenerated` tfds builder (prepared by process 0 before the others
+    look, as hosts may share the store)."""
+    generate_shards(spec, tokenizer, sampler, progress, process_index, process_count)
+    examples = tfds_io.read_split(SelfGenerated(spec=spec), spec.split) if process_index == 0 \
+        else None
+    if process_count > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("self_generated prepared")
+    if examples is None:
+        examples = tfds_io.read_split(SelfGenerated(spec=spec), spec.split)
     return [Sample(np.asarray(ex["ids"], np.int32), int(ex["prompt_length"]),
                    tfds_io.decode_text(ex["doc_id"])) for ex in examples]
 
