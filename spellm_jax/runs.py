@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 from flax import nnx
+from jax.sharding import Mesh
 
 from spellm_jax.checkpointing import TrainCheckpoints
 from spellm_jax.conversion.sources import Pretrained, load_source
@@ -69,11 +70,12 @@ def tiny_model_config(config: ml_collections.ConfigDict, vocab_size: int,
         eos_token_ids=eos_token_ids)
 
 
-def load_teacher(config: ml_collections.ConfigDict) -> Pretrained:
-    """The frozen teacher of a config: a pretrained source, or a seeded random tiny model for
-    tests (`teacher=tiny_random`, with the SmolLM2 tokenizer)."""
+def load_teacher(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Pretrained:
+    """The frozen teacher of a config: a pretrained source (read straight onto `mesh` where the
+    source allows, see `read_source`), or a seeded random tiny model for tests
+    (`teacher=tiny_random`, with the SmolLM2 tokenizer)."""
     if config.teacher != TINY_TEACHER:
-        return load_source(config.teacher)
+        return load_source(config.teacher, mesh)
     from spellm_jax.tokenizers import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2")

@@ -342,7 +342,7 @@ def start(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
     mesh = sharding.make_mesh(config.mesh.shape)
     from spellm_jax import data
 
-    teacher = load_teacher(config)
+    teacher = load_teacher(config, mesh)
     dataset = data.training_data(config, teacher.tokenizer, teacher.source,
                                  _teacher_sampler(teacher, config, mesh), jax.process_index(),
                                  jax.process_count())

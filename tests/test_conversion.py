@@ -10,9 +10,10 @@ import pytest
 import torch
 import transformers
 
-from spellm_jax import load_pretrained
+from spellm_jax import load_pretrained, sharding
 from spellm_jax.conversion import gguf_file, hf_dir, mapping
 from spellm_jax.conversion.errors import ConversionError
+from spellm_jax.conversion.sharded_read import canonical_shardings
 from spellm_jax.conversion.sources import read_source, write_converted
 from spellm_jax.models.config import ModelConfig, UnsupportedModelError
 from spellm_jax.models.params import ParamMismatchError, model_params
@@ -71,6 +72,34 @@ def test_sharded_safetensors_with_index_are_read(tmp_path):
     pretrained = read_source(str(tmp_path))
     assert np.array_equal(pretrained.params["model/embed_tokens"],
                           reference.state_dict()["model.embed_tokens.weight"].numpy())
+
+
+@pytest.mark.parametrize("name", ["qwen2_bias_tied", "llama3_scaled_untied"])
+def test_sharded_reads_equal_the_whole_read_laid_out_by_the_rules(name, tmp_path):
+    reference = build(name).to(torch.bfloat16)
+    reference.save_pretrained(tmp_path / "hf", max_shard_size="20KB")  # several files
+    whole = read_source(str(tmp_path / "hf"))
+    write_converted(whole, tmp_path / "converted")
+    mesh = sharding.make_mesh((2, 2, 2))
+    layouts = canonical_shardings(whole.config, mesh)
+    for source in ("hf", "converted"):
+        sharded = read_source(str(tmp_path / source), mesh)
+        assert sharded.params.keys() == whole.params.keys() and sharded.config == whole.config
+        for key, value in sharded.params.items():
+            assert value.sharding == layouts[key], key
+            assert value.dtype == whole.params[key].dtype, key
+            np.testing.assert_array_equal(np.asarray(value), whole.params[key], err_msg=key)
+        split = [key for key, value in sharded.params.items()
+                 if not value.sharding.is_fully_replicated]
+        assert len(split) > len(sharded.params) // 2, split  # each device holds a part only
+
+
+def test_sharded_read_refuses_pickled_weights_with_the_fix(tmp_path):
+    reference = build("llama_gqa2")
+    reference.config.save_pretrained(tmp_path)
+    torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ConversionError, match="cannot be read in slices; save it with safetensors"):
+        read_source(str(tmp_path), sharding.make_mesh((8, 1, 1)))
 
 
 def test_unknown_architecture_is_refused(tmp_path):

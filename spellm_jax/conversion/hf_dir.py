@@ -28,7 +28,7 @@ def read_hf_config(path: Path) -> dict[str, Any]:
     return json.loads(config_file.read_text())
 
 
-def _torch_to_numpy(tensor) -> np.ndarray:
+def torch_to_numpy(tensor) -> np.ndarray:
     import torch
 
     tensor = tensor.detach().cpu().contiguous()
@@ -37,7 +37,7 @@ def _torch_to_numpy(tensor) -> np.ndarray:
     return tensor.numpy()
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
     for name in _WEIGHT_FILES:
         candidate = path / name
         if not candidate.is_file():
@@ -58,21 +58,21 @@ def read_safetensors(file: Path) -> dict[str, np.ndarray]:
     from safetensors import safe_open
 
     with safe_open(str(file), framework="pt") as handle:
-        return {name: _torch_to_numpy(handle.get_tensor(name))
+        return {name: torch_to_numpy(handle.get_tensor(name))
                 for name in handle.keys()}  # noqa: SIM118 (safe_open is not a mapping)
 
 
 def read_hf_tensors(path: Path) -> dict[str, np.ndarray]:
     """Every tensor of an HF directory as numpy, in its stored dtype."""
     tensors: dict[str, np.ndarray] = {}
-    for file in _weight_files(path):
+    for file in weight_files(path):
         if file.suffix == ".safetensors":
             tensors.update(read_safetensors(file))
         else:
             import torch
 
             state = torch.load(str(file), map_location="cpu", weights_only=True)
-            tensors.update({name: _torch_to_numpy(t) for name, t in state.items()})
+            tensors.update({name: torch_to_numpy(t) for name, t in state.items()})
     return tensors
 
 

@@ -62,7 +62,7 @@ def conversion_rules(config: ModelConfig) -> list[Rule]:
     return [_rule(key) for key in expected_shapes(config)]
 
 
-def _check_hf_names(config: ModelConfig, hf_state: Mapping, source: str) -> None:
+def check_hf_names(config: ModelConfig, hf_state: Mapping, source: str) -> None:
     rules = conversion_rules(config)
     names = {rule.hf for rule in rules}
     # Tied models may still carry a copy of the embedding as lm_head.weight: that is not a leftover.
@@ -78,7 +78,7 @@ def _check_hf_names(config: ModelConfig, hf_state: Mapping, source: str) -> None
 def from_hf(config: ModelConfig, hf_state: Mapping[str, np.ndarray], source: str = "the checkpoint"
             ) -> dict[str, np.ndarray]:
     """transformers state dict (numpy) -> our canonical flat params, checked against the config."""
-    _check_hf_names(config, hf_state, source)
+    check_hf_names(config, hf_state, source)
     ours = {}
     for rule in conversion_rules(config):
         value = np.asarray(hf_state[rule.hf])

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from jax.sharding import Mesh
 
 from spellm_jax import assets
 from spellm_jax.checkpointing import (
@@ -19,7 +20,7 @@ from spellm_jax.checkpointing import (
     restore_params,
     save_params,
 )
-from spellm_jax.conversion import gguf_file, hf_dir, mapping, spellm_files
+from spellm_jax.conversion import gguf_file, hf_dir, mapping, sharded_read, spellm_files
 from spellm_jax.conversion.errors import ConversionError
 from spellm_jax.conversion.spellm_files import SpellmParts
 from spellm_jax.models.config import ModelConfig
@@ -64,9 +65,10 @@ def tokenizer_in(path: Path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def _read_hf(path: Path, source: str) -> Pretrained:
+def _read_hf(path: Path, source: str, mesh: Mesh | None = None) -> Pretrained:
     config = ModelConfig.from_hf(hf_dir.read_hf_config(path))
-    params = mapping.from_hf(config, hf_dir.read_hf_tensors(path), source=str(path))
+    params = (mapping.from_hf(config, hf_dir.read_hf_tensors(path), source=str(path))
+              if mesh is None else sharded_read.read_hf_sharded(path, config, mesh))
     return Pretrained(config, params, tokenizer_in(path), source, _spellm_parts_in(path))
 
 
@@ -92,8 +94,10 @@ def _download_hub(name: str) -> Path:
             f"{error}. Without network access, pass a local HF directory or a .gguf file.") from error
 
 
-def read_source(source: str) -> Pretrained:
-    """Reads any supported source into memory (numpy params, not yet on device)."""
+def read_source(source: str, mesh: Mesh | None = None) -> Pretrained:
+    """Reads any supported source into memory (numpy params, not yet on device); with a `mesh`,
+    HF safetensors and converted directories straight onto it instead, each host reading only
+    the slices its devices hold (a GGUF file is always read whole)."""
     if source in BUNDLED_SOURCES:
         return _read_gguf(assets.fetch(BUNDLED_SOURCES[source]), source)
     path = Path(source).expanduser()
@@ -103,14 +107,14 @@ def read_source(source: str) -> Pretrained:
         return _read_gguf(path, source)
     if path.exists():
         if is_converted_dir(path):
-            return read_converted(path)
+            return read_converted(path, mesh)
         if hf_dir.is_hf_dir(path):
-            return _read_hf(path, source)
+            return _read_hf(path, source, mesh)
         raise ConversionError(
             f"{path} is neither a Hugging Face model directory (config.json + weights) nor a "
             "directory written by `python -m spellm_jax.convert`.")
     if source.count("/") == 1 and not source.startswith((".", "/", "~")):
-        return _read_hf(_download_hub(source), source)
+        return _read_hf(_download_hub(source), source, mesh)
     raise ConversionError(
         f"source {source!r} does not exist. Use a HF directory, a hub name (org/model), a "
         f".gguf file, a converted directory, or one of {', '.join(BUNDLED_SOURCES)}.")
@@ -133,10 +137,12 @@ def write_converted(pretrained: Pretrained, out: Path, overwrite: bool = False) 
     return out
 
 
-def read_converted(path: Path) -> Pretrained:
+def read_converted(path: Path, mesh: Mesh | None = None) -> Pretrained:
     meta = json.loads((path / CONVERTED_MARKER).read_text())
     config = ModelConfig.load(path / MODEL_CONFIG_FILE)
-    params = {k: np.asarray(v) for k, v in restore_params(path / PARAMS_DIR).items()}
+    params = ({k: np.asarray(v) for k, v in restore_params(path / PARAMS_DIR).items()}
+              if mesh is None else
+              sharded_read.read_orbax_sharded(path / PARAMS_DIR, config, mesh, str(path)))
     return Pretrained(config, params, tokenizer_in(path), meta["source"], _spellm_parts_in(path))
 
 
@@ -157,8 +163,9 @@ def converted_path(source: str) -> Path:
     return cached
 
 
-def load_source(source: str) -> Pretrained:
-    """Any source, using the converted cache for bundled ones."""
+def load_source(source: str, mesh: Mesh | None = None) -> Pretrained:
+    """Any source, using the converted cache for bundled ones (onto `mesh` if given, see
+    `read_source`)."""
     if source in BUNDLED_SOURCES:
-        return read_converted(converted_path(source))
-    return read_source(source)
+        return read_converted(converted_path(source), mesh)
+    return read_source(source, mesh)

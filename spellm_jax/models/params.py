@@ -163,6 +163,6 @@ def load_params(module: nnx.Module, flat: Mapping, source: str = "the given weig
         key = "/".join(str(p) for p in path)
         if skip(key):
             continue
-        value = layout[key]
-        variable.set_value(jax.numpy.asarray(value, dtype=variable.get_value().dtype))
+        value = layout[key]  # copied: a donated train state never frees the source's arrays
+        variable.set_value(jax.numpy.array(value, dtype=variable.get_value().dtype, copy=True))
     nnx.update(module, state)
