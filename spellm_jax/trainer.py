@@ -92,6 +92,20 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         raise ConfigError(f"config.loss / config.train: {error}") from error
 
 
+def small_corpus_warning(config: ml_collections.ConfigDict, num_processes: int) -> str | None:
+    """A warning for a multi-host run that trains on the built-in corpora only (a few MB, the
+    CPU presets' default), naming the override that points it at a real corpus."""
+    from spellm_jax.data.corpora import CORPORA
+
+    if num_processes == 1 or config.data.source == "self_generated" or not set(
+            config.data.corpora) <= set(CORPORA):
+        return None
+    return (f"warning: this {num_processes}-host run trains on the small built-in corpora "
+            f"{', '.join(config.data.corpora)} (a few MB, read by every epoch many times over); "
+            "point it at your own, e.g. --config.data.corpora='(\"gs://BUCKET/c4/*.jsonl.gz\",)' "
+            "or '(\"tfds:wikipedia/20230601.en\",)' (README: Training data).")
+
+
 def _fixed_choices(config: ml_collections.ConfigDict) -> list[tuple[str, Any, tuple]]:
     """`(name, value, allowed values)` of every config field with a fixed set of choices."""
     from spellm_jax.data.corpora import CORPORA
@@ -337,6 +351,8 @@ def start(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
     if config.distributed:
         initialize_distributed()
     validate(config, jax.device_count(), jax.process_count())
+    if (warning := small_corpus_warning(config, jax.process_count())) and jax.process_index() == 0:
+        print(warning, file=sys.stderr, flush=True)
     workdir = as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh.shape)

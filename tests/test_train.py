@@ -134,6 +134,14 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
         assert np.array_equal(a, b)
 
 
+def test_a_multi_host_run_on_the_built_in_corpora_is_warned_with_the_override():
+    pod = llama_configs.get_config("llama3_1b")
+    assert trainer.small_corpus_warning(pod, 1) is None  # one host: the CPU presets' default
+    assert "--config.data.corpora=" in trainer.small_corpus_warning(pod, 4)
+    own = tiny_config(**{"data.corpora": ("shakespeare", "gs://bucket/c4/*.jsonl.gz")})
+    assert trainer.small_corpus_warning(own, 4) is None
+
+
 def test_a_teacher_read_onto_the_mesh_trains_as_one_read_whole(tmp_path):
     """A converted teacher is restored straight into its shards (each device reading its
     part); the run, with the token prior sampled from that sharded teacher, is the same."""
