@@ -25,7 +25,7 @@ def restore_params(path: Path, target: Mapping[str, jax.ShapeDtypeStruct] | None
     """Reads flat params; with a `target` of ShapeDtypeStructs (with shardings) restores into it."""
     checkpointer = ocp.StandardCheckpointer()
     abstract = None if target is None else unflatten(target)
-    return flatten(checkpointer.restore(Path(path).absolute(), abstract))
+    return flatten(checkpointer.restore(as_path(path), abstract))
 
 
 def prepare_output_dir(out: Path, overwrite: bool) -> Path:

@@ -1,6 +1,7 @@
 """The conversion table both ways, the readers and writers, and their refusals of bad input."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -92,6 +93,31 @@ def test_sharded_reads_equal_the_whole_read_laid_out_by_the_rules(name, tmp_path
         split = [key for key, value in sharded.params.items()
                  if not value.sharding.is_fully_replicated]
         assert len(split) > len(sharded.params) // 2, split  # each device holds a part only
+
+
+def test_a_gs_directory_is_read_whole_and_in_slices(tmp_path, monkeypatch, smollm2_tokenizer):
+    """fsspec's in-memory filesystem stands in for gcsfs: safetensors are read by ranged reads,
+    the tokenizer's small files copied to the cache."""
+    from etils import epath
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    for protocol in ("gs", "gcs"):
+        monkeypatch.setitem(sys.modules["fsspec.registry"]._registry, protocol, MemoryFileSystem)
+    monkeypatch.setenv("SPELLM_CACHE", str(tmp_path / "cache"))
+    reference = build("llama_gqa2").to(torch.bfloat16)
+    reference.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    smollm2_tokenizer.save_pretrained(tmp_path / "hf")
+    remote = f"gs://spellm-teacher-{os.getpid()}/hf"
+    for file in (tmp_path / "hf").iterdir():
+        (epath.Path(remote) / file.name).write_bytes(file.read_bytes())
+    local = read_source(str(tmp_path / "hf"))
+    mesh = sharding.make_mesh((1, 8, 1))
+    for pretrained in (read_source(remote), read_source(remote, mesh)):
+        assert pretrained.params.keys() == local.params.keys()
+        for key, value in pretrained.params.items():
+            np.testing.assert_array_equal(np.asarray(value), local.params[key], err_msg=key)
+        assert pretrained.tokenizer("Once upon a time")["input_ids"] == smollm2_tokenizer(
+            "Once upon a time")["input_ids"]
 
 
 def test_sharded_read_refuses_pickled_weights_with_the_fix(tmp_path):

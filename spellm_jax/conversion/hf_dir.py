@@ -9,6 +9,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from spellm_jax.conversion import safetensors_file
 from spellm_jax.conversion.errors import ConversionError
 from spellm_jax.conversion.mapping import TIED_LM_HEAD
 
@@ -55,11 +56,7 @@ def weight_files(path: Path) -> list[Path]:
 
 def read_safetensors(file: Path) -> dict[str, np.ndarray]:
     """Every tensor of one safetensors file as numpy, in its stored dtype (bf16 bit-exact)."""
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as handle:
-        return {name: torch_to_numpy(handle.get_tensor(name))
-                for name in handle.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+    return {name: tensor.read() for name, tensor in safetensors_file.tensors_in(file).items()}
 
 
 def read_hf_tensors(path: Path) -> dict[str, np.ndarray]:
@@ -71,7 +68,8 @@ def read_hf_tensors(path: Path) -> dict[str, np.ndarray]:
         else:
             import torch
 
-            state = torch.load(str(file), map_location="cpu", weights_only=True)
+            with file.open("rb") as handle:  # local or remote alike
+                state = torch.load(handle, map_location="cpu", weights_only=True)
             tensors.update({name: torch_to_numpy(t) for name, t in state.items()})
     return tensors
 

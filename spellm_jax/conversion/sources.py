@@ -4,6 +4,7 @@ directories this package converted. Everything funnels into one `Pretrained` val
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -24,6 +25,7 @@ from spellm_jax.conversion import gguf_file, hf_dir, mapping, sharded_read, spel
 from spellm_jax.conversion.errors import ConversionError
 from spellm_jax.conversion.spellm_files import SpellmParts
 from spellm_jax.models.config import ModelConfig
+from spellm_jax.paths import as_path
 
 BUNDLED_SOURCES = {"smollm2": assets.SMOLLM2}
 CONVERTED_MARKER = "spellm_conversion.json"
@@ -56,13 +58,29 @@ def _log(message: str) -> None:
     print(f"spellm_jax: {message}", file=sys.stderr, flush=True)
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def _local_copy(path) -> Path:
+    """A local directory holding the small files (tokenizer, configs) of a remote directory."""
+    if isinstance(path, Path):
+        return path
+    local = assets.cache_dir() / "remote_dirs" / hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    local.mkdir(parents=True, exist_ok=True)
+    for file in path.iterdir():
+        if file.is_file() and file.suffix not in _WEIGHT_SUFFIXES:
+            (local / file.name).write_bytes(file.read_bytes())
+    return local
+
+
 def tokenizer_in(path: Path):
-    """The tokenizer saved in a directory, or None when it holds none (weights-only dirs)."""
+    """The tokenizer saved in a directory (local or remote), or None when it holds none
+    (weights-only dirs)."""
     from transformers import AutoTokenizer
 
     if not any((path / name).exists() for name in TOKENIZER_FILES):
         return None
-    return AutoTokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(_local_copy(path)))
 
 
 def _read_hf(path: Path, source: str, mesh: Mesh | None = None) -> Pretrained:
@@ -100,8 +118,12 @@ def read_source(source: str, mesh: Mesh | None = None) -> Pretrained:
     the slices its devices hold (a GGUF file is always read whole)."""
     if source in BUNDLED_SOURCES:
         return _read_gguf(assets.fetch(BUNDLED_SOURCES[source]), source)
-    path = Path(source).expanduser()
+    path = as_path(source) if "://" in source else Path(source).expanduser()
     if path.suffix == ".gguf":
+        if not isinstance(path, Path):
+            raise ConversionError(f"{source}: GGUF files are read from a local disk; copy it "
+                                  "there, or convert it once (`python -m spellm_jax.convert`) "
+                                  "and point at the converted directory, local or remote.")
         if not path.is_file():
             raise ConversionError(f"GGUF file {path} does not exist.")
         return _read_gguf(path, source)

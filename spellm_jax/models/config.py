@@ -81,7 +81,7 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
-        return cls.from_json(Path(path).read_text())
+        return cls.from_json((path if hasattr(path, "read_text") else Path(path)).read_text())
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
