@@ -6,7 +6,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     """The self-distillation defaults; presets in configs/llama.py override them."""
     config = ml_collections.ConfigDict()
-    config.teacher = "smollm2"  # HF dir, hub name, .gguf, converted dir, smollm2, or tiny_random
+    config.teacher = "smollm2"  # HF or converted dir (local or gs://), hub name, .gguf, smollm2, tiny_random
     config.seed = 0
     config.init_from = ""  # another run's workdir or checkpoint: start from its trained params
 
