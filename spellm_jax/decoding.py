@@ -301,12 +301,25 @@ def initial_state(model: nnx.Module, rule: OutputRule, batch: int, capacity: int
         key=jax.random.key(seed))
 
 
+def mesh_of(model: nnx.Module) -> Mesh | None:
+    """The mesh a model's parameters are laid out on (None for a model on one device)."""
+    leaf = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
+    layout = getattr(leaf, "sharding", None)
+    return layout.mesh if isinstance(layout, NamedSharding) else None
+
+
+def _row_axes(batch: int, mesh: Mesh) -> tuple[str | None, ...]:
+    """The logical axes of a batch's rows: split over `batch` where it divides, else whole on
+    every device (a batch of one prompt)."""
+    return ("batch",) if batch % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0 else (None,)
+
+
 def _batch_sharded_state(model: nnx.Module, rule: OutputRule, batch: int, capacity: int,
                          max_new_tokens: int, seed: int, mesh: Mesh) -> DecodeState:
     """`initial_state` made directly on `mesh`, every per-row array split over the rules'
     `batch` axes (the cache's second axis), the slot and the key replicated."""
     make = functools.partial(initial_state, model, rule, batch, capacity, max_new_tokens, seed)
-    rows = sharding.logical_to_spec(("batch",))
+    rows = sharding.logical_to_spec(_row_axes(batch, mesh))
     per_row = jax.tree.map(lambda _: NamedSharding(mesh, rows), jax.eval_shape(make))
     cache = NamedSharding(mesh, PartitionSpec(None, *rows))
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -314,8 +327,8 @@ def _batch_sharded_state(model: nnx.Module, rule: OutputRule, batch: int, capaci
     return jax.jit(make, out_shardings=shardings)()
 
 
-def _on_mesh(rows: np.ndarray, mesh: Mesh | None, axes: tuple[str, ...] = ("batch",)
-             ) -> jax.Array:
+def on_mesh(rows: np.ndarray, mesh: Mesh | None, axes: tuple[str | None, ...] = ("batch",)
+            ) -> jax.Array:
     """A host array (the same on every process) as one array on `mesh`, its leading
     dimensions laid out by the logical `axes` (none: replicated)."""
     if mesh is None:
@@ -338,24 +351,21 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens
              seed: int = 0, mesh: Mesh | None = None) -> Generation:
     """New tokens for each prompt by `rule` (the LM head by default). For speed, pass
     `models.llama.fused_for_inference(model)`. With a `mesh` (the model's parameters already
-    on it), the batch is split over its `batch` axes and every process passes the same prompts
-    and gets every continuation; the results equal those of one device."""
+    on it), the batch is split over its `batch` axes (where their size divides it), every
+    process passes the same prompts and gets every continuation; the results equal those of
+    one device."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}; ask for at least one new token.")
     rule = rule or LMHeadRule()
     ids, mask = left_pad(prompts, pad_id)
     batch, prompt_len = ids.shape
-    if mesh is not None:
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
-        if batch % shards:
-            raise ValueError(f"{batch} prompts cannot be split over the mesh's {shards} batch "
-                             "shards (data x fsdp); pass a multiple of it.")
+    rows = None if mesh is None else _row_axes(batch, mesh)
     graphdef, state = nnx.split(model)
     capacity = -(-(prompt_len + max_new_tokens + 1) // PROMPT_BUCKET) * PROMPT_BUCKET
     s = (initial_state(model, rule, batch, capacity, max_new_tokens, seed) if mesh is None else
          _batch_sharded_state(model, rule, batch, capacity, max_new_tokens, seed, mesh))
-    eos = _on_mesh(np.asarray(list(eos_ids) or [-1], np.int32), mesh, axes=())
-    s = _feed_chunk(graphdef, state, s, _on_mesh(ids, mesh), _on_mesh(mask, mesh), eos,
+    eos = on_mesh(np.asarray(list(eos_ids) or [-1], np.int32), mesh, axes=())
+    s = _feed_chunk(graphdef, state, s, on_mesh(ids, mesh, rows), on_mesh(mask, mesh, rows), eos,
                     record=False)
     host_round_trips = cache_growths = 0
     while True:
@@ -371,8 +381,8 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens
         if int(s.slot) + chunk_ids.shape[1] + 1 > s.key_valid.shape[1]:
             s = _grow(s, max(chunk_ids.shape[1] + 1, max_new_tokens))
             cache_growths += 1
-        s = _feed_chunk(graphdef, state, s, _on_mesh(chunk_ids, mesh), _on_mesh(chunk_mask, mesh),
-                        eos, record=True)
+        s = _feed_chunk(graphdef, state, s, on_mesh(chunk_ids, mesh, rows),
+                        on_mesh(chunk_mask, mesh, rows), eos, record=True)
     tokens, counts = _to_host(s.tokens), _to_host(s.num_tokens)
     return Generation([tokens[row, :min(counts[row], max_new_tokens)].tolist()
                        for row in range(batch)], host_round_trips, cache_growths)

@@ -46,10 +46,11 @@ def teacher_token_prior(model: LlamaForCausalLM, start_ids: list[int], num_token
                         seed: int = 0) -> np.ndarray:
     """The teacher's next-token distribution averaged over a continuation it samples itself
     from `start_ids`: a data-free estimate of how often each token is predicted."""
+    mesh = decoding.mesh_of(model)  # a teacher read onto a mesh (every host runs this)
     generated = decoding.generate(model, [start_ids], num_tokens,
                                   decoding.LMHeadRule(Sampling(temperature=1.0)),
-                                  seed=seed).tokens[0]
-    hidden, _ = model.model(jnp.asarray([start_ids + generated]))
+                                  seed=seed, mesh=mesh).tokens[0]
+    hidden, _ = model.model(decoding.on_mesh(np.asarray([start_ids + generated]), mesh, (None,)))
     return np.asarray(jax.nn.softmax(model.lm_logits(hidden)[0], axis=-1).mean(0))
 
 

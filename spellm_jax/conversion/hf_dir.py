@@ -29,7 +29,7 @@ def read_hf_config(path: Path) -> dict[str, Any]:
     return json.loads(config_file.read_text())
 
 
-def torch_to_numpy(tensor) -> np.ndarray:
+def _torch_to_numpy(tensor) -> np.ndarray:
     import torch
 
     tensor = tensor.detach().cpu().contiguous()
@@ -70,7 +70,7 @@ def read_hf_tensors(path: Path) -> dict[str, np.ndarray]:
 
             with file.open("rb") as handle:  # local or remote alike
                 state = torch.load(handle, map_location="cpu", weights_only=True)
-            tensors.update({name: torch_to_numpy(t) for name, t in state.items()})
+            tensors.update({name: _torch_to_numpy(t) for name, t in state.items()})
     return tensors
 
 
