@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.loss.hard_weight = 1.0
     config.loss.temperature = 1.0
     config.loss.chunk_size = 64
-    config.loss.save_targets = True  # k x C floats per position and path kept for the backward
+    config.loss.save_targets = True  # 2 x k x C floats per position and path kept for the backward
     config.loss.paths = 1  # chain kind: the soft loss follows the teacher's top-`paths` spellings
 
     config.data = ml_collections.ConfigDict()

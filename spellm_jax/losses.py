@@ -23,8 +23,9 @@ class LossConfig:
     hard_weight: float = 0.0
     temperature: float = 1.0
     chunk_size: int = 128  # sequence positions whose [B, chunk, V] teacher logits exist at once
-    # Keep each chunk's targets (k x C floats per position) for the backward pass rather than
-    # recomputing the teacher's logits and targets there: faster, at that much activation memory.
+    # Keep each chunk's targets and the decoder's logits (2 x paths x k x C floats per position)
+    # for the backward pass rather than recomputing the teacher's logits, the targets and the
+    # decoder's products there: faster, at that much activation memory.
     save_targets: bool = True
     # Spellings per position the soft loss follows: the teacher's `paths` most likely tokens,
     # each weighted by its share of their mass (1: the argmax only). More paths teach the chain
@@ -42,7 +43,11 @@ class LossConfig:
 
 
 # What a chunk's backward pass reads from its forward pass when `save_targets` is set.
-TEACHER_RESIDUALS = ("target_rows", "soft_targets", "loss_weights")
+# The paths' weights too: the soft loss's gradient is scaled by them, and without their own name
+# the backward pass would recompute the teacher's logits to get them. The decoder's logits along
+# the paths spare the backward pass its `W_i h` product.
+TEACHER_RESIDUALS = ("target_rows", "path_weights", "soft_targets", "loss_weights",
+                     "decoder_logits")
 SCALAR_METRICS = ("loss", "soft_kl", "hard_ce", "exact_token_acc", "truncated_share")
 PER_HEAD_METRICS = ("soft_kl_per_head", "head_acc")
 
@@ -66,7 +71,8 @@ def position_losses(decoder: CharDecoder, hidden: jax.Array, teacher_logits: jax
         path_logits = jnp.take_along_axis(scaled, path_tokens, axis=-1)
     else:
         path_logits, path_tokens = jax.lax.top_k(scaled, config.paths)  # [..., P], argmax first
-    path_weights = jax.nn.softmax(path_logits, axis=-1)  # exactly 1.0 for one path
+    path_weights = checkpoint_name(jax.nn.softmax(path_logits, axis=-1),  # 1.0 for one path
+                                   "path_weights")
     teacher_token = path_tokens[..., 0]
     # Proportional to the teacher's probabilities: the targets normalise, so no pass divides.
     token_weights = jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True))
@@ -74,7 +80,8 @@ def position_losses(decoder: CharDecoder, hidden: jax.Array, teacher_logits: jax
     targets = checkpoint_name(_per_path(decoder.soft_targets(token_weights, path_rows, spelling),
                                         path_rows), "soft_targets")  # [..., P, k, C]
     weights = checkpoint_name(decoder.loss_weights(path_rows, spelling), "loss_weights")
-    char_logits = _per_path(decoder.logits(hidden, path_rows), path_rows)
+    char_logits = _per_path(checkpoint_name(decoder.logits(hidden, path_rows), "decoder_logits"),
+                            path_rows)
     student_log_probs = jax.nn.log_softmax(char_logits / config.temperature, axis=-1)
     soft_per_path = jnp.sum(
         jnp.where(targets > 0, targets * (jnp.log(jnp.maximum(targets, 1e-30)) - student_log_probs),

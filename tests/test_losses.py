@@ -2,6 +2,7 @@
 chunked distillation loss."""
 
 import dataclasses
+import re
 import types
 
 import jax
@@ -195,3 +196,27 @@ def test_the_soft_loss_over_paths_is_their_mass_weighted_sum():
     _, one_path = chunked_distillation_loss(hidden, hidden, heads, lambda h: h @ teacher_w,
                                             spelling, mask, dataclasses.replace(config, paths=1))
     np.testing.assert_allclose(sums["hard_ce"], one_path["hard_ce"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("paths", [1, 3])
+def test_saved_targets_spare_the_backward_pass_the_teachers_logits(paths):
+    """With `save_targets` the compiled loss and gradient compute the teacher's `[positions, V]` logits
+    once (in the forward pass); without it, again in the backward pass. (Before the paths'
+    weights were saved, their softmax made the backward pass recompute the logits anyway.)"""
+    spelling, hidden, teacher_w, (graphdef, params, rest), mask = _real_vocabulary_case("chain")
+    vocab_size = teacher_w.shape[1]
+
+    def teacher_products(save_targets: bool) -> int:
+        config = LossConfig(soft_weight=0.7, hard_weight=0.3, chunk_size=8, paths=paths,
+                            save_targets=save_targets)
+
+        def loss(params):
+            return chunked_distillation_loss(hidden, hidden, nnx.merge(graphdef, params, rest),
+                                             lambda h: h @ teacher_w, spelling, mask, config)[0]
+
+        grad = jax.value_and_grad(loss)  # as the train step asks: the loss and its gradient
+        text = jax.jit(grad).lower(params).compile().as_text()
+        return len(re.findall(rf"= f32\[[\d,]*{vocab_size}\]\{{[\d,]*\}} dot\(", text))
+
+    assert teacher_products(save_targets=True) == 1
+    assert teacher_products(save_targets=False) == 2
