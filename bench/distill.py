@@ -8,13 +8,17 @@ costs) and of the trainer's own jitted train step (`trainer.prepare`: loss, grad
 each trainable set (`heads`, `top_layers`, `full`) and decoder kind, at the same batch and
 sequence length, on real held-out text. Repeats are interleaved; the table shows each mode's
 median and the median of each repeat's ratio to the teacher's forward. `--no_save_targets` times
-the step that recomputes the teacher in its backward pass (the pod presets' choice).
+the step that recomputes the teacher in its backward pass (the pod presets' choice). A second
+table breaks a heads step down: the backbone over the batch, and per loss chunk the teacher's
+logits, its argmax (what the forward adds to them), the soft targets and each decoder's forward
+and backward pass, each jitted alone.
 Writes bench/results/distill.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -31,7 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.decode import RESULTS, machine
 from configs.llama import get_config
 from spellm_jax import sharding, trainer
+from spellm_jax.losses import LossConfig
 from spellm_jax.pretrained import load_source
+from spellm_jax.runs import distill_spec
 from spellm_jax.spelling import SpellingTable
 
 TRAINABLE = ("heads", "top_layers", "full")
@@ -80,13 +86,88 @@ def forward_timer(config, teacher, spelling, mesh, input_ids) -> Callable[[], fl
 
     ids = jnp.asarray(input_ids)
     compiled = forward.lower(params, rest, ids).compile()
+    return functools.partial(_seconds, compiled, params, rest, ids)
 
-    def run() -> float:
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(params, rest, ids))
-        return time.perf_counter() - start
 
-    return run
+def chunk_timers(config, teacher, spelling, mesh, input_ids) -> dict[str, Callable[[], float]]:
+    """The parts of a heads step (see the module docstring), each compiled on its own."""
+    heads = trainer.heads_config(config, spelling.k, spelling.num_symbols)
+    _, graphdef, params, rest, _ = trainer.build_student(config, teacher, spelling, heads, 0)
+    params = jax.device_put(params, sharding.shardings_of(params, mesh))
+    rest = jax.device_put(rest, sharding.shardings_of(rest, mesh))
+    loss: LossConfig = distill_spec(config).loss
+
+    def model(p):
+        return nnx.merge(graphdef, p, rest)
+
+    ids = jnp.asarray(input_ids)
+    hidden = jax.jit(lambda p: model(p).model(ids)[0][:, :loss.chunk_size])(params)
+
+    def teacher_side(p, h):  # the loss's teacher half: logits, argmax, softmax, soft targets
+        m = model(p)
+        scaled = jnp.where(m.spelling.valid[...], m.lm_logits(h) / loss.temperature, -jnp.inf)
+        rows = m.spelling.rows_of(jnp.argmax(scaled, -1)[..., None])
+        weights = jnp.exp(scaled - jnp.max(scaled, -1, keepdims=True))
+        return m.char_heads.soft_targets(weights, rows, m.spelling), rows
+
+    targets, rows = jax.jit(teacher_side)(params, hidden)
+
+    def decoder_loss(p, h):
+        log_probs = jax.nn.log_softmax(model(p).char_heads.logits(h, rows), axis=-1)
+        return -jnp.sum(jnp.where(targets > 0, targets * log_probs, 0.0))
+
+    parts = {"backbone (whole batch)": (lambda p, h: model(p).model(ids)[0]),
+             "teacher logits": lambda p, h: model(p).lm_logits(h),
+             "teacher logits + argmax": lambda p, h: jnp.argmax(model(p).lm_logits(h), -1),
+             "teacher logits + soft targets": teacher_side,
+             "decoder forward": decoder_loss,
+             "decoder forward + backward": jax.grad(decoder_loss)}
+    timers = {}
+    for name, part in parts.items():
+        compiled = jax.jit(part).lower(params, hidden).compile()
+        timers[name] = functools.partial(_seconds, compiled, params, hidden)
+    return timers
+
+
+def _seconds(compiled, *args) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    return time.perf_counter() - start
+
+
+def interleaved(timers: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Each timer's seconds over `repeats` rounds (after one warm-up round), in alternating
+    order."""
+    seconds: dict[str, list[float]] = {name: [] for name in timers}
+    for repeat in range(repeats + 1):
+        names = list(timers) if repeat % 2 else list(timers)[::-1]
+        for name in names:
+            elapsed = timers[name]()
+            if repeat:
+                seconds[name].append(elapsed)
+    return seconds
+
+
+def breakdown(base, teacher, spelling, mesh, input_ids, args, report, rows) -> list[str]:
+    """The heads step's parts for each kind (into `report["breakdown"]`), as markdown lines."""
+    chunks = args.seq_len // min(base.loss.chunk_size, args.seq_len)
+    lines = ["", f"Where a heads step's time goes (ms, medians of {args.repeats} interleaved "
+             f"repeats; per step = per chunk x {chunks} chunks):", "",
+             "| part | kind | ms | per step | share of the heads step |",
+             "| --- | --- | ---: | ---: | ---: |"]
+    for kind in args.kinds:
+        config = base.copy_and_resolve_references()
+        config.train.trainable, config.heads.kind = "heads", kind
+        step_ms = 1e3 * args.batch * args.seq_len / rows[f"heads step, {kind}"]["tokens_per_s"]
+        parts = {name: statistics.median(times) * 1e3 for name, times in interleaved(
+            chunk_timers(config, teacher, spelling, mesh, input_ids), args.repeats).items()}
+        report["breakdown"][kind] = parts
+        for name, ms in parts.items():
+            per_step = ms * (1 if name.startswith("backbone") else chunks)
+            lines.append(f"| {name} | {kind} | {ms:.0f} | {per_step:.0f} | "
+                         f"{per_step / step_ms:.0%} |")
+        lines.append(f"| heads step | {kind} | | {step_ms:.0f} | 100% |")
+    return lines
 
 
 def main() -> None:
@@ -114,13 +195,7 @@ def main() -> None:
             config.train.trainable, config.heads.kind = trainable, kind
             timers[f"{trainable} step, {kind}"] = step_timer(config, teacher, spelling, mesh,
                                                              input_ids)
-    seconds: dict[str, list[float]] = {name: [] for name in timers}
-    for repeat in range(args.repeats + 1):  # the first round warms up
-        names = list(timers) if repeat % 2 else list(timers)[::-1]
-        for name in names:
-            elapsed = timers[name]()
-            if repeat:
-                seconds[name].append(elapsed)
+    seconds = interleaved(timers, args.repeats)
     tokens = args.batch * args.seq_len
     forward = seconds["teacher forward"]
     rows = {name: {"tokens_per_s": tokens / statistics.median(times),
@@ -138,6 +213,9 @@ def main() -> None:
              "| mode | tokens/s | x teacher forward |", "| --- | ---: | ---: |"]
     lines += [f"| {name} | {row['tokens_per_s']:.0f} | {row['vs_teacher_forward']:.2f} |"
               for name, row in rows.items()]
+    report["breakdown"] = {}
+    if "heads" in args.trainable:
+        lines += breakdown(base, teacher, spelling, mesh, input_ids, args, report, rows)
     RESULTS.mkdir(exist_ok=True)
     suffix = "_recompute" if args.no_save_targets else ""
     (RESULTS / f"distill{suffix}.json").write_text(json.dumps(report, indent=1))
