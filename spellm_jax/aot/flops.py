@@ -7,8 +7,11 @@ from __future__ import annotations
 import ml_collections
 
 from spellm_jax.models.char_decoders import HeadsConfig
+from spellm_jax.models.char_decoders.chain import PREFIX_SUM_BLOCK
 from spellm_jax.models.char_decoders.independent import head_cost
 from spellm_jax.models.config import ModelConfig
+
+VOCAB_PASSES = 6  # mask, scale, max, argmax, subtract, exponentiate
 
 
 def block_flops(config: ModelConfig, seq_len: int) -> float:
@@ -39,6 +42,10 @@ def step_flops(config: ml_collections.ConfigDict, model: ModelConfig, heads: Hea
     student = trained * block * (1 + (2 if weights_train else 1))
     if config.model.remat != "none":
         student += trained * block
-    targets = logits * (1 if config.loss.save_targets else 2)
+    # Beyond the logits, vocabulary-wide work per position: the softmax and argmax (a few
+    # element-wise passes) and the soft targets, k segment-sums (independent) or the blocked prefix
+    # sums' triangular matmul (chain). It matters beside the logits only for narrow models.
+    over_vocab = VOCAB_PASSES + (2 * PREFIX_SUM_BLOCK if heads.kind == "chain" else heads.k)
+    targets = (logits + over_vocab * model.vocab_size) * (1 if config.loss.save_targets else 2)
     per_token = teacher + student + targets + 3 * decoder
     return per_token * train.batch_size * train.seq_len
