@@ -67,6 +67,22 @@ def _lookup(group: dict[str, Any], key: str) -> Any:
     return group
 
 
+def _confidence_table(metrics: dict[str, Any]) -> list[str]:
+    """Agreement by the teacher's top-token probability, one row per bin and set."""
+    lines = ["", "Agreement by the teacher's confidence (its top token's probability p), free "
+             "decoding beside the exact conditionals decoded greedily and the exact marginals:", "",
+             "| positions | p | share | SpeLLM free | chain ceiling, greedy | independence ceiling |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for name, label in _SETS:
+        for row in metrics[name]["by_teacher_confidence"]:
+            low, high = row["teacher_top_prob"]
+            cells = ["-" if row[key] is None else f"{row[key]:.1%}" for key in
+                     ("free_agreement", "chain_ceiling_greedy", "independence_ceiling")]
+            lines.append(f"| {label} | {low:g}-{high:g} | {row['share']:.1%} | "
+                         + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown_summary(metrics: dict[str, Any], source: str) -> str:
     """The figures of `metrics` as markdown tables."""
     lines = [f"# SpeLLM evaluation: {source}", "", f"k = {metrics['k']} character heads.", "",
@@ -82,6 +98,7 @@ def markdown_summary(metrics: dict[str, Any], source: str) -> str:
               "| ---: | ---: | ---: |",
               f"| {last_word['teacher_accuracy']:.1%} | {last_word['free_accuracy']:.1%} | "
               f"{last_word['vocab_accuracy']:.1%} |",
+              *_confidence_table(metrics),
               "", "Independence ceiling against k (teacher's continuations):", "",
               "| k | free | vocabulary-constrained |", "| ---: | ---: | ---: |"]
     for k, ceiling in metrics["ceiling_against_k"].items():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,6 +30,8 @@ from spellm_jax.spelling import RESPELL_MODES, DeviceSpelling, Respeller, Spelli
 
 CEILING_KS = (4, 6, 8, 12, 16, 24)
 CHAIN_BEAMS = (1, 2, 4)  # beams of the chain ceiling
+# Bins of the teacher's top-token probability for agreement by confidence (the last bin closed).
+CONFIDENCE_EDGES = (0.0, 0.25, 0.5, 0.75, 1.0)
 ROWS_PER_CALL = 32  # rows of one jitted call (one compilation per row length)
 
 
@@ -87,6 +90,7 @@ def _row_outputs(spellm, teacher, ids: jax.Array, full: bool = True, beam: int =
         outputs = spelled_choices(spellm, hidden, beam)
         outputs["teacher"] = jnp.argmax(teacher_logits, axis=-1)
         if full:
+            outputs["teacher_top_prob"] = jnp.max(jax.nn.softmax(teacher_logits, axis=-1), -1)
             ceiling_free, ceiling_vocab = independence_ceiling(teacher_logits, spellm.spelling)
             target_rows = spellm.spelling.rows_of(outputs["teacher"])
             outputs["forced_rows"] = jnp.argmax(spellm.char_heads.logits(hidden, target_rows), -1)
@@ -159,6 +163,22 @@ def emitted_strings(free_rows: np.ndarray, free_tokens: np.ndarray, respeller: R
             "mean_input_tokens_per_step": float(counts.mean())}
 
 
+def agreement_by_confidence(top_prob: np.ndarray, hits: dict[str, np.ndarray],
+                            edges: Sequence[float] = CONFIDENCE_EDGES) -> list[dict[str, Any]]:
+    """Per bin of the teacher's top-token probability `[P]`: the bin, its share of the positions
+    and the mean of each hit array `[P]` there (None for an empty bin). Where the teacher's top
+    token has p > 0.5 even exact independent marginals pick it, so misses there are the
+    decoder's, not the method's."""
+    bins = np.clip(np.searchsorted(edges, top_prob, side="right") - 1, 0, len(edges) - 2)
+    rows = []
+    for index, (low, high) in enumerate(itertools.pairwise(edges)):
+        inside = bins == index
+        rows.append({"teacher_top_prob": [low, high], "share": float(inside.mean()),
+                     **{name: float(hit[inside].mean()) if inside.any() else None
+                        for name, hit in hits.items()}})
+    return rows
+
+
 def agreement_metrics(outputs: dict[str, np.ndarray], mask: np.ndarray, ids: np.ndarray,
                       respeller: Respeller, respell: str = "device") -> dict[str, float]:
     """Everything measured at the masked positions of teacher-forced rows `ids` `[N, T]` (a
@@ -188,6 +208,10 @@ def agreement_metrics(outputs: dict[str, np.ndarray], mask: np.ndarray, ids: np.
         "spellm_bits_per_byte": float(-outputs["spellm_logp"][mask].sum() * nats_to_bits / num_bytes),
         "teacher_bits_per_byte": float(-outputs["teacher_logp"][mask].sum() * nats_to_bits
                                        / num_bytes),
+        "by_teacher_confidence": agreement_by_confidence(outputs["teacher_top_prob"][mask], {
+            "free_agreement": outputs["free"][mask] == teacher,
+            "chain_ceiling_greedy": outputs["chain_free_beam1"][mask] == teacher,
+            "independence_ceiling": outputs["ceiling_free"][mask] == teacher}),
     }
     return metrics | emitted_strings(outputs["free_rows"][mask], outputs["free"][mask], respeller,
                                      respell)

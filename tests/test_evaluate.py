@@ -12,7 +12,14 @@ import pytest
 from spellm_jax import runs
 from spellm_jax.data import load_corpora
 from spellm_jax.data.last_word import last_word_items
-from spellm_jax.evaluation import EvalSettings, evaluate, independence_ceiling, matching_prefix
+from spellm_jax.evaluation import (
+    EvalSettings,
+    agreement_by_confidence,
+    chain_ceiling,
+    evaluate,
+    independence_ceiling,
+    matching_prefix,
+)
 from spellm_jax.models.char_decoders import HeadsConfig
 from spellm_jax.models.llama import RuntimeOptions
 from spellm_jax.pretrained import build_model, build_spellm
@@ -55,8 +62,16 @@ def test_evaluate_reports_every_metric_in_range(tiny_chain_run):
     assert set(metrics["ceiling_against_k"]) == {"4", "8"}
     assert metrics["last_word"]["items"] == 64
     assert all(0 <= metrics["last_word"][f"{m}_accuracy"] <= 1 for m in ("teacher", "free", "vocab"))
+    for name in ("real_text", "continuations"):
+        bins = metrics[name]["by_teacher_confidence"]
+        assert sum(b["share"] for b in bins) == pytest.approx(1)
+        assert all(b[key] is None or 0 <= b[key] <= 1 for b in bins for key in
+                   ("free_agreement", "chain_ceiling_greedy", "independence_ceiling"))
+        weighted = sum(b["share"] * b["free_agreement"] for b in bins if b["share"])
+        assert weighted == pytest.approx(metrics[name]["free_agreement"])
     summary = (out / "summary.md").read_text()
     assert "independence ceiling" in summary and "Last-word completion (64 items" in summary
+    assert "Agreement by the teacher's confidence" in summary
     for plot in ("head_accuracy.png", "agreement_vs_k.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -104,6 +119,41 @@ def test_ceiling_recovers_a_certain_teacher(tokenizer):
     free, vocab = independence_ceiling(jnp.asarray(logits), DeviceSpelling.of(spelling))
     np.testing.assert_array_equal(np.asarray(free), tokens)
     np.testing.assert_array_equal(np.asarray(vocab), tokens)
+
+
+def test_exact_decoders_follow_a_teacher_above_one_half_and_can_miss_below(tokenizer):
+    """The confidence bins' reading: a teacher whose top token has p > 0.5 is followed by exact
+    conditionals decoded greedily and by exact marginals, however the rest of its mass lies; at
+    p = 0.4, with 0.6 on two tokens that share another first symbol, both choose that symbol."""
+    spelling = SpellingTable.from_tokenizer(tokenizer, 16)
+    spelled = spelling.canonical & (spelling.lengths <= 16) & (spelling.lengths >= 2)
+    first = spelling.table[:, 0]
+    rng = np.random.default_rng(0)
+    targets, rivals = [], []
+    while len(targets) < 16:
+        target, other = rng.choice(np.flatnonzero(spelled), 2, replace=False)
+        same_first = np.flatnonzero(spelled & (first == first[other]))
+        if first[target] != first[other] and len(same_first) >= 2:
+            targets.append(target)
+            rivals.append(rng.choice(same_first, 2, replace=False))
+    top_prob, hits = [], {"chain_ceiling_greedy": [], "independence_ceiling": []}
+    for p_top in (0.52, 0.4):
+        logits = np.full((16, spelling.vocab_size), -30.0, np.float32)
+        logits[np.arange(16), targets] = np.log(p_top)
+        for row, pair in enumerate(rivals):
+            logits[row, pair] = np.log((1 - p_top) / 2)
+        logits, device = jnp.asarray(logits), DeviceSpelling.of(spelling)
+        top_prob.append(np.full(16, p_top))
+        hits["chain_ceiling_greedy"].append(
+            np.asarray(chain_ceiling(logits, device, beam=1, constrained=False)) == targets)
+        hits["independence_ceiling"].append(np.asarray(independence_ceiling(logits, device)[0])
+                                            == targets)
+    bins = agreement_by_confidence(np.concatenate(top_prob),
+                                   {name: np.concatenate(h) for name, h in hits.items()})
+    assert [b["share"] for b in bins] == [0.0, 0.5, 0.5, 0.0]
+    assert bins[0]["chain_ceiling_greedy"] is None
+    for name in hits:
+        assert (bins[1][name], bins[2][name]) == (0.0, 1.0), name
 
 
 def test_matching_prefix():
