@@ -15,7 +15,7 @@ from typing import Any
 from absl import app, flags
 
 from spellm_jax import cli
-from spellm_jax.evaluation import CHAIN_BEAMS
+from spellm_jax.evaluation import CHAIN_BEAMS, CONFIDENT
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training workdir (its latest checkpoint is evaluated).")
@@ -80,7 +80,17 @@ def _confidence_table(metrics: dict[str, Any]) -> list[str]:
                      ("free_agreement", "chain_ceiling_greedy", "independence_ceiling")]
             lines.append(f"| {label} | {low:g}-{high:g} | {row['share']:.1%} | "
                          + " | ".join(cells) + " |")
+    for name, label in _SETS:
+        misses = metrics[name]["confident_misses"]
+        lines += ["", f"Misses where the teacher gives its token p >= {CONFIDENT:g} ({label}): "
+                  f"{misses['misses']} of {misses['positions']} positions; first wrong symbol "
+                  f"(index: misses) {_nonzero(misses['first_wrong_symbol'])}; for example "
+                  + ", ".join(f"{t!r} -> {s!r}" for _, t, s in misses["examples"]) + "."]
     return lines
+
+
+def _nonzero(counts: list[int]) -> str:
+    return ", ".join(f"{index}: {count}" for index, count in enumerate(counts) if count) or "none"
 
 
 def markdown_summary(metrics: dict[str, Any], source: str) -> str:

@@ -32,6 +32,7 @@ CEILING_KS = (4, 6, 8, 12, 16, 24)
 CHAIN_BEAMS = (1, 2, 4)  # beams of the chain ceiling
 # Bins of the teacher's top-token probability for agreement by confidence (the last bin closed).
 CONFIDENCE_EDGES = (0.0, 0.25, 0.5, 0.75, 1.0)
+CONFIDENT = 0.75  # misses where the teacher's top token has at least this probability are listed
 ROWS_PER_CALL = 32  # rows of one jitted call (one compilation per row length)
 
 
@@ -179,6 +180,27 @@ def agreement_by_confidence(top_prob: np.ndarray, hits: dict[str, np.ndarray],
     return rows
 
 
+def confident_misses(top_prob: np.ndarray, teacher: np.ndarray, free_rows: np.ndarray,
+                     free_tokens: np.ndarray, spelling: SpellingTable, examples: int = 12
+                     ) -> dict[str, Any]:
+    """Free decoding's misses where the teacher's top token has p >= `CONFIDENT` (every exact
+    decoder follows it there): how many, at which symbol each first departs from the teacher's
+    spelling (`first_wrong_symbol[i]`: misses whose first wrong symbol is i), and the first
+    `examples` as (p, teacher's string, SpeLLM's string)."""
+    confident = top_prob >= CONFIDENT
+    missed = np.flatnonzero(confident & (free_tokens != teacher))
+    wrong = free_rows[missed] != spelling.table[teacher[missed]]
+    first_wrong = np.bincount(np.argmax(wrong, axis=1)[wrong.any(axis=1)], minlength=spelling.k)
+
+    def text(data: bytes) -> str:
+        return data.decode("utf-8", errors="backslashreplace")
+
+    return {"positions": int(confident.sum()), "misses": len(missed),
+            "first_wrong_symbol": first_wrong.tolist(),
+            "examples": [[round(float(top_prob[i]), 3), text(spelling.spellings[teacher[i]]),
+                          text(spelling.unspell(free_rows[i])[0])] for i in missed[:examples]]}
+
+
 def agreement_metrics(outputs: dict[str, np.ndarray], mask: np.ndarray, ids: np.ndarray,
                       respeller: Respeller, respell: str = "device") -> dict[str, float]:
     """Everything measured at the masked positions of teacher-forced rows `ids` `[N, T]` (a
@@ -212,6 +234,9 @@ def agreement_metrics(outputs: dict[str, np.ndarray], mask: np.ndarray, ids: np.
             "free_agreement": outputs["free"][mask] == teacher,
             "chain_ceiling_greedy": outputs["chain_free_beam1"][mask] == teacher,
             "independence_ceiling": outputs["ceiling_free"][mask] == teacher}),
+        "confident_misses": confident_misses(outputs["teacher_top_prob"][mask], teacher,
+                                             outputs["free_rows"][mask], outputs["free"][mask],
+                                             spelling),
     }
     return metrics | emitted_strings(outputs["free_rows"][mask], outputs["free"][mask], respeller,
                                      respell)

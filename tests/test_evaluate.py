@@ -16,6 +16,7 @@ from spellm_jax.evaluation import (
     EvalSettings,
     agreement_by_confidence,
     chain_ceiling,
+    confident_misses,
     evaluate,
     independence_ceiling,
     matching_prefix,
@@ -69,9 +70,13 @@ def test_evaluate_reports_every_metric_in_range(tiny_chain_run):
                    ("free_agreement", "chain_ceiling_greedy", "independence_ceiling"))
         weighted = sum(b["share"] * b["free_agreement"] for b in bins if b["share"])
         assert weighted == pytest.approx(metrics[name]["free_agreement"])
+        misses = metrics[name]["confident_misses"]
+        assert sum(misses["first_wrong_symbol"]) <= misses["misses"] <= misses["positions"]
+        assert len(misses["examples"]) == min(misses["misses"], 12)
     summary = (out / "summary.md").read_text()
     assert "independence ceiling" in summary and "Last-word completion (64 items" in summary
     assert "Agreement by the teacher's confidence" in summary
+    assert "Misses where the teacher gives its token p >= 0.75" in summary
     for plot in ("head_accuracy.png", "agreement_vs_k.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -93,6 +98,7 @@ def test_an_oracle_decoder_scores_perfectly(tiny_chain_run):
         assert group["exact_token_accuracy"] == 1.0 and group["head_accuracy"] == [1.0] * spelling.k
         assert group["free_agreement"] == group["representable_share"] > 0.9, name
         assert group["vocab_agreement"] <= group["free_agreement"] <= group["one_token_share"]
+        assert group["confident_misses"]["misses"] == 0
 
 
 def test_last_word_task_is_deterministic_held_out_and_large_enough(tokenizer):
@@ -154,6 +160,18 @@ def test_exact_decoders_follow_a_teacher_above_one_half_and_can_miss_below(token
     assert bins[0]["chain_ceiling_greedy"] is None
     for name in hits:
         assert (bins[1][name], bins[2][name]) == (0.0, 1.0), name
+
+
+def test_confident_misses_by_hand(tokenizer):
+    spelling = SpellingTable.from_tokenizer(tokenizer, 16)
+    water, the, wat = (tokenizer.convert_tokens_to_ids(t) for t in ("\u0120water", "\u0120the", "\u0120wat"))
+    teacher = np.array([water, water, the, water])
+    free = np.array([the, wat, the, the])  # a miss at symbol 1, a miss at symbol 4, a hit, unsure
+    rows = spelling.table[free]
+    misses = confident_misses(np.array([0.9, 0.8, 0.95, 0.3]), teacher, rows, free, spelling)
+    assert misses["positions"] == 3 and misses["misses"] == 2
+    assert misses["first_wrong_symbol"] == [0, 1, 0, 0, 1] + [0] * 11
+    assert misses["examples"] == [[0.9, " water", " the"], [0.8, " water", " wat"]]
 
 
 def test_matching_prefix():
