@@ -6,7 +6,8 @@ position one jitted pass gives the teacher's argmax and log-probabilities, the S
 vocabulary-constrained choices and its renormalised log-probabilities, what heads holding the
 teacher's exact symbol marginals would choose (the independence ceiling), and what a chain decoder
 holding the teacher's exact conditionals would choose, greedily and with beams (the chain
-ceiling).
+ceiling); agreement is also broken down by the teacher's confidence, with the SpeLLM's misses
+where the teacher is sure of its token.
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ def confident_misses(top_prob: np.ndarray, teacher: np.ndarray, free_rows: np.nd
 
 
 def agreement_metrics(outputs: dict[str, np.ndarray], mask: np.ndarray, ids: np.ndarray,
-                      respeller: Respeller, respell: str = "device") -> dict[str, float]:
+                      respeller: Respeller, respell: str = "device") -> dict[str, Any]:
     """Everything measured at the masked positions of teacher-forced rows `ids` `[N, T]` (a
     position predicts the next token; targets are the teacher's argmax there)."""
     mask, spelling = mask.astype(bool), respeller.spelling
