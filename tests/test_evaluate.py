@@ -142,13 +142,14 @@ def test_exact_decoders_follow_a_teacher_above_one_half_and_can_miss_below(token
         if first[target] != first[other] and len(same_first) >= 2:
             targets.append(target)
             rivals.append(rng.choice(same_first, 2, replace=False))
+    device = DeviceSpelling.of(spelling)
     top_prob, hits = [], {"chain_ceiling_greedy": [], "independence_ceiling": []}
     for p_top in (0.52, 0.4):
         logits = np.full((16, spelling.vocab_size), -30.0, np.float32)
         logits[np.arange(16), targets] = np.log(p_top)
         for row, pair in enumerate(rivals):
             logits[row, pair] = np.log((1 - p_top) / 2)
-        logits, device = jnp.asarray(logits), DeviceSpelling.of(spelling)
+        logits = jnp.asarray(logits)
         top_prob.append(np.full(16, p_top))
         hits["chain_ceiling_greedy"].append(
             np.asarray(chain_ceiling(logits, device, beam=1, constrained=False)) == targets)
