@@ -74,14 +74,19 @@ def load(checkpoints: list[str]) -> list[tuple]:
         from spellm_jax.runs import load_spellm
 
         return [(*load_spellm(path), path) for path in checkpoints]
+    from configs.llama import get_config
     from spellm_jax.pretrained import build_spellm, load_source
     from spellm_jax.spelling import SpellingTable
+    from spellm_jax.trainer import heads_config, shortlist_for
 
     teacher = load_source("smollm2")
     spelling = SpellingTable.from_tokenizer(teacher.tokenizer, 16, teacher.config.vocab_size)
-    return [(build_spellm(teacher, spelling, HeadsConfig(16, spelling.num_symbols, kind=kind)),
-             teacher.tokenizer, spelling, f"smollm2 with untrained {kind} heads")
-            for kind in ("independent", "chain")]
+    preset = get_config("smollm2")  # the chain decoder as the default run trains it
+    chain = heads_config(preset, 16, spelling.num_symbols,
+                         shortlist_for(preset, teacher.tokenizer, spelling))
+    return [(build_spellm(teacher, spelling, heads), teacher.tokenizer, spelling,
+             f"smollm2 with untrained {heads.kind} heads")
+            for heads in (HeadsConfig(16, spelling.num_symbols), chain)]
 
 
 def torch_model(model, tokenizer, spelling):

@@ -26,6 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.heads.kind = "independent"  # the character decoder: independent | chain
     config.heads.recurrent_width = 128  # chain: width of the state over the symbols so far
     config.heads.hidden_every_step = False  # chain: each recurrent step rereads the hidden state
+    # chain: this many of the training text's most frequent tokens keep their own (LM-head) rows
+    config.heads.shortlist = 0
     config.heads.k = 16  # 0: the smallest k covering `coverage_target` of the training tokens
     config.heads.coverage_target = 0.999
     config.heads.use_bias = True

@@ -53,6 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.preset = preset
     if preset in ("smollm2", "smollm2_long"):
         config.heads.kind = "chain"
+        config.heads.shortlist = 2048
         config.train.fresh_lr_scale = 30.0
     if preset == "smollm2_long":
         # Each recurrent step rereads the hidden state: ahead of the plain recurrence at every

@@ -28,6 +28,7 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "char_head": None,
     "char_vocab": None,
     "char_state": None,
+    "char_shortlist": None,
     "layers": None,
     "norm": None,
     "lora_rank": None,

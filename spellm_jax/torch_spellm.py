@@ -152,7 +152,24 @@ class TorchPrefixTrie:
         return new_lo, new_hi
 
 
-def torch_search(step: Callable, state: torch.Tensor, k: int, pad: int, beam: int,
+State = torch.Tensor | tuple[torch.Tensor, ...]  # a decoder's per-hypothesis state `[B, ...]`
+
+
+def _pick(state: State, index: torch.Tensor | int) -> State:
+    """The hypotheses `index` of every part of a state (the same beam of each)."""
+    if isinstance(state, tuple):
+        return tuple(part[index] for part in state)
+    return state[index]
+
+
+def _expand(state: State, beam: int) -> State:
+    """One hypothesis's state `[1, ...]` repeated for `beam` hypotheses."""
+    if isinstance(state, tuple):
+        return tuple(part.expand(beam, *part.shape[1:]) for part in state)
+    return state.expand(beam, *state.shape[1:])
+
+
+def torch_search(step: Callable, state: State, k: int, pad: int, beam: int,
                  trie: TorchPrefixTrie | None) -> torch.Tensor:
     """`search.search_rows` for one hidden state, greedy or beam: the best row `[k]`."""
     score = torch.full((beam,), -torch.inf)
@@ -179,7 +196,7 @@ def torch_search(step: Callable, state: torch.Tensor, k: int, pad: int, beam: in
         else:
             score, flat = torch.topk((score[:, None] + log_probs).reshape(-1), beam)
             parents, symbol = flat // logits.shape[-1], flat % logits.shape[-1]
-            rows, state, done, lo, hi = rows[parents], state[parents], done[parents], \
+            rows, state, done, lo, hi = rows[parents], _pick(state, parents), done[parents], \
                 lo[parents], hi[parents]
         rows = rows.clone()
         rows[:, i] = symbol
@@ -199,12 +216,15 @@ class TorchChainHeads(TorchIndependentHeads):
         super().__init__(tensors, heads, table, valid)
         self.trie = TorchPrefixTrie(spelling)
         self.pad = spelling.pad_symbol
+        shortlist = torch.as_tensor(heads.get("shortlist_tokens", ()), dtype=torch.long)
+        self.register_buffer("shortlist_spellings", table[shortlist])  # [R, k]
 
     def _step(self, hidden: torch.Tensor):
+        """`(step, one hypothesis's state)` for one hidden state `[d]`."""
         base = super().logits(hidden)  # [k, C]
         step_in = self._get("step_in")  # [d, k - 1, r] where every step rereads the hidden state
 
-        def step(s, previous, i):
+        def recurrent_step(s, previous, i):
             if previous is not None:
                 drive = self._get("symbol_embed")[i][previous]
                 if step_in is not None:
@@ -212,7 +232,25 @@ class TorchChainHeads(TorchIndependentHeads):
                 s = nn.functional.silu(s @ self._get("transition") + drive)
             return base[i] + s @ self._get("readout")[i], s
 
-        return step, torch.tanh(hidden.float() @ self._get("state_in"))[None]
+        s0 = torch.tanh(hidden.float() @ self._get("state_in"))[None]
+        spellings = self.shortlist_spellings
+        if not len(spellings):
+            return recurrent_step, s0
+        scores = hidden.float() @ self._get("shortlist/kernel") + self._get("shortlist/bias")
+
+        def step(state, previous, i):  # the shortlist's alive tokens add their mass
+            s, alive = state  # alive [B, R]
+            logits, s = recurrent_step(s, previous, i)
+            if previous is not None:
+                alive = alive & (spellings[:, i - 1] == previous[:, None])
+            masked = scores.masked_fill(~alive, -torch.inf)
+            top = masked.max(-1, keepdim=True).values
+            top = torch.where(torch.isfinite(top), top, 0.0)
+            mass = torch.zeros(len(alive), logits.shape[-1]).index_add_(
+                1, spellings[:, i], torch.exp(masked - top))
+            return torch.logaddexp(logits, torch.log(mass) + top), (s, alive)
+
+        return step, (s0, torch.ones(1, len(spellings), dtype=torch.bool))
 
     def logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         flat = hidden.reshape(-1, hidden.shape[-1])
@@ -235,7 +273,7 @@ class TorchChainHeads(TorchIndependentHeads):
         rows = []
         for h in flat:
             step, state = self._step(h)
-            rows.append(torch_search(step, state.expand(beam, -1), self.table.shape[1], self.pad,
+            rows.append(torch_search(step, _expand(state, beam), self.table.shape[1], self.pad,
                                      beam, self.trie if constrained else None))
         return torch.stack(rows).reshape(*hidden.shape[:-1], -1)
 

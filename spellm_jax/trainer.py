@@ -30,6 +30,7 @@ from spellm_jax.errors import ConfigError
 from spellm_jax.losses import SCALAR_METRICS
 from spellm_jax.metrics import continuation_agreement, continuation_rows
 from spellm_jax.models.char_decoders import ADAPTERS, DECODER_KINDS, INITS, HeadsConfig
+from spellm_jax.models.char_decoders.shortlist import most_frequent_tokens
 from spellm_jax.models.llama import REMAT_POLICIES, RuntimeOptions
 from spellm_jax.paths import as_path
 from spellm_jax.pretrained import build_model, build_spellm
@@ -86,6 +87,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         raise ConfigError(f"loss.paths={config.loss.paths} teaches only the chain decoder (the "
                           f"{config.heads.kind} kind's targets do not depend on the spelling "
                           "followed); set --config.loss.paths=1 or --config.heads.kind=chain.")
+    if config.heads.get("shortlist", 0) and config.heads.kind != "chain":
+        raise ConfigError(f"heads.shortlist={config.heads.shortlist} is part of the chain decoder; "
+                          "set --config.heads.shortlist=0 or --config.heads.kind=chain.")
     try:
         distill_spec(config)
     except ValueError as error:
@@ -198,13 +202,28 @@ class Preempted:
         signal.signal(signal.SIGTERM, self.previous)
 
 
-def heads_config(config: ml_collections.ConfigDict, k: int, num_symbols: int) -> HeadsConfig:
+def heads_config(config: ml_collections.ConfigDict, k: int, num_symbols: int,
+                 shortlist_tokens: tuple[int, ...] = ()) -> HeadsConfig:
     """The decoder a config asks for, spelling k symbols from an alphabet of `num_symbols`."""
     heads = config.heads
     return HeadsConfig(k=k, num_symbols=num_symbols, kind=heads.kind, use_bias=heads.use_bias,
                        adapter=heads.adapter, init=heads.init,
                        recurrent_width=heads.recurrent_width,
-                       hidden_every_step=heads.get("hidden_every_step", False))
+                       hidden_every_step=heads.get("hidden_every_step", False),
+                       shortlist_tokens=shortlist_tokens)
+
+
+def shortlist_for(config: ml_collections.ConfigDict, tokenizer, spelling: SpellingTable
+                  ) -> tuple[int, ...]:
+    """The chain decoder's shortlist: the `heads.shortlist` tokens most frequent in the
+    training corpora (none when it is 0)."""
+    size = config.heads.get("shortlist", 0)
+    if not size:
+        return ()
+    from spellm_jax.data import token_counts
+
+    counts = token_counts(config.data.corpora, tokenizer, spelling.vocab_size)
+    return most_frequent_tokens(counts, spelling, size)
 
 
 def optimizer_for(config: ml_collections.ConfigDict, decoder: type) -> optax.GradientTransformation:
@@ -365,7 +384,8 @@ def start(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
     spelling = _spelling_for(config, teacher, dataset.batches)
     if jax.process_index() == 0:
         spelling.save(workdir / SPELLING_FILE)
-    heads = heads_config(config, spelling.k, spelling.num_symbols)
+    heads = heads_config(config, spelling.k, spelling.num_symbols,
+                         shortlist_for(config, teacher.tokenizer, spelling))
     metadata = {"config": json.loads(config.to_json_best_effort()),
                 "model_config": json.loads(teacher.config.to_json()),
                 "heads_config": dataclasses.asdict(heads), "teacher_source": teacher.source,

@@ -100,15 +100,15 @@ def smollm2_hf_dir(smollm2_torch, smollm2_tokenizer, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_chain_run(tmp_path_factory):
-    """`(config, workdir)` of one finished tiny run of the chain decoder, shared by the tests
-    that read a run back (evaluate, export, benchmarks): 4 steps at a learning rate high enough
-    that every trained tensor leaves its initial value, with the in-training benchmark on (the
-    first 2 LAMBADA documents, scored at the last step)."""
+    """`(config, workdir)` of one finished tiny run of the chain decoder (with a shortlist of 64
+    word rows), shared by the tests that read a run back (evaluate, export, benchmarks): 4 steps
+    at a learning rate high enough that every trained tensor leaves its initial value, with the
+    in-training benchmark on (the first 2 LAMBADA documents, scored at the last step)."""
     from spellm_jax import trainer
     from tests.test_distill import tiny_config
 
     config = tiny_config(**{"train.steps": 4, "train.eval_every": 100, "heads.kind": "chain",
-                            "train.learning_rate": 3e-2, "benchmark.enabled": True,
+                            "heads.shortlist": 64, "train.learning_rate": 3e-2, "benchmark.enabled": True,
                             "benchmark.tasks": ("lambada",), "benchmark.limit": 2})
     workdir = tmp_path_factory.mktemp("tiny_chain") / "run"
     trainer.run(config, workdir)

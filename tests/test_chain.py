@@ -14,6 +14,7 @@ from spellm_jax.distill import make_optimizer
 from spellm_jax.models.char_decoders import HeadsConfig
 from spellm_jax.models.char_decoders.chain import ChainHeads, chain_targets
 from spellm_jax.models.char_decoders.independent import IndependentHeads
+from spellm_jax.models.char_decoders.shortlist import most_frequent_tokens
 from spellm_jax.models.llama import RuntimeOptions
 from spellm_jax.sampling import Sampling
 from spellm_jax.spelling import DeviceSpelling
@@ -32,22 +33,34 @@ def toy_rows(seed: int = 0) -> np.ndarray:
     return np.array(sorted(rows, key=lambda r: rng.random()), np.int32)
 
 
-def toy_spelling(table: np.ndarray) -> DeviceSpelling:
+def toy_table(table: np.ndarray) -> types.SimpleNamespace:
+    """The parts of a `SpellingTable` the decoder and `DeviceSpelling` read."""
     valid = np.ones(V, bool)
-    lengths = (table != PAD).sum(1)
-    return DeviceSpelling.of(types.SimpleNamespace(
-        table=table, valid=valid, lengths=lengths, canonical=valid, k=K, num_symbols=C,
-        vocab_size=V))
+    return types.SimpleNamespace(table=table, valid=valid, lengths=(table != PAD).sum(1),
+                                 canonical=valid, k=K, num_symbols=C, vocab_size=V)
 
 
-def toy_chain(seed: int = 0, readout_scale: float = 1.0, hidden_every_step: bool = False
-              ) -> ChainHeads:
+def toy_spelling(table: np.ndarray) -> DeviceSpelling:
+    return DeviceSpelling.of(toy_table(table))
+
+
+SHORTLIST = tuple(range(0, V, 3))  # a third of the toy tokens keep their own rows
+VARIANTS = {"plain": {}, "reread": {"hidden_every_step": True}, "shortlist": {"shortlist": True}}
+
+
+def toy_chain(seed: int = 0, readout_scale: float = 1.0, hidden_every_step: bool = False,
+              shortlist: bool = False, table: np.ndarray | None = None) -> ChainHeads:
+    """A chain decoder with random parameters; with `shortlist`, `SHORTLIST` spelled by `table`
+    (`toy_rows()` by default)."""
     config = HeadsConfig(K, C, kind="chain", init="normal", recurrent_width=8,
-                         hidden_every_step=hidden_every_step)
+                         hidden_every_step=hidden_every_step,
+                         shortlist_tokens=SHORTLIST if shortlist else ())
     heads = ChainHeads(D, config, RuntimeOptions(), nnx.Rngs(seed))
     rng = np.random.default_rng(seed)
     for _, variable in nnx.to_flat_state(nnx.state(heads, nnx.Param)):
         variable[...] = jnp.asarray(rng.normal(0, readout_scale, variable[...].shape), jnp.float32)
+    if shortlist:
+        heads.shortlist.attach_spelling(toy_table(toy_rows() if table is None else table), None)
     return heads
 
 
@@ -69,9 +82,9 @@ def test_conditional_targets_equal_brute_force():
         np.testing.assert_allclose(got[n, p, i], want / want.sum(), atol=1e-6)
 
 
-@pytest.mark.parametrize("hidden_every_step", [False, True])
-def test_paths_share_the_hidden_state_and_follow_their_own_rows(hidden_every_step):
-    heads, table = toy_chain(8, hidden_every_step=hidden_every_step), toy_rows()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_paths_share_the_hidden_state_and_follow_their_own_rows(variant):
+    heads, table = toy_chain(8, **VARIANTS[variant]), toy_rows()
     hidden = jnp.asarray(np.random.default_rng(9).normal(size=(4, D)), jnp.float32)
     paths = jnp.asarray(table[:12].reshape(4, 3, K))
     got = np.asarray(heads.logits(hidden, paths))  # [4, 3, K, C]
@@ -103,9 +116,9 @@ def _string_log_prob(heads, hidden, row) -> float:
     return total
 
 
-@pytest.mark.parametrize("hidden_every_step", [False, True])
-def test_beam_one_is_greedy_and_wide_beams_find_better_strings(hidden_every_step):
-    heads, spelling = toy_chain(3, hidden_every_step=hidden_every_step), toy_spelling(toy_rows())
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_beam_one_is_greedy_and_wide_beams_find_better_strings(variant):
+    heads, spelling = toy_chain(3, **VARIANTS[variant]), toy_spelling(toy_rows())
     hidden = jnp.asarray(np.random.default_rng(4).normal(size=(6, D)), jnp.float32)
     greedy = np.asarray(heads.choose(hidden, spelling))
     np.testing.assert_array_equal(np.asarray(heads.choose(hidden, spelling, beam=1)), greedy)
@@ -121,9 +134,10 @@ def test_beam_one_is_greedy_and_wide_beams_find_better_strings(hidden_every_step
             heads, hidden[n], greedy[n]) - 1e-5
 
 
-def test_constrained_rows_are_always_vocabulary_tokens_and_the_best_of_them():
+@pytest.mark.parametrize("shortlist", [False, True])
+def test_constrained_rows_are_always_vocabulary_tokens_and_the_best_of_them(shortlist):
     table = toy_rows(5)
-    heads, spelling = toy_chain(6), toy_spelling(table)
+    heads, spelling = toy_chain(6, shortlist=shortlist, table=table), toy_spelling(table)
     hidden = jnp.asarray(np.random.default_rng(7).normal(size=(32, D)), jnp.float32)
     rows = {tuple(r) for r in table}
     for beam in (1, 2, 4):
@@ -138,8 +152,10 @@ def test_constrained_rows_are_always_vocabulary_tokens_and_the_best_of_them():
         assert tuple(best[n]) == tuple(table[scores[n].argmax()])
 
 
-def test_ancestral_sampling_follows_the_string_distribution():
-    heads, spelling = toy_chain(8, readout_scale=0.5), toy_spelling(toy_rows())
+@pytest.mark.parametrize("shortlist", [False, True])
+def test_ancestral_sampling_follows_the_string_distribution(shortlist):
+    heads = toy_chain(8, readout_scale=0.5, shortlist=shortlist)
+    spelling = toy_spelling(toy_rows())
     hidden = jnp.asarray(np.random.default_rng(9).normal(size=(1, D)), jnp.float32)
     draws = 4000
     keys = jax.random.split(jax.random.key(0), draws)
@@ -153,6 +169,34 @@ def test_ancestral_sampling_follows_the_string_distribution():
         assert abs(count / draws - expected) <= 4 * np.sqrt(expected * (1 - expected) / draws) + 1e-3
     total = sum(np.exp(_string_log_prob(heads, hidden[0], row)) for row in counts)
     assert total > 0.5  # the rows seen carry most of the mass the decoder gives
+
+
+def test_a_shortlist_of_every_token_gives_the_teachers_exact_conditionals():
+    """With every token in the shortlist, its rows the teacher's LM head and the chain's own
+    logits far below, the decoder's conditionals are the teacher's exact ones along any rows."""
+    table = toy_rows(12)
+    rng = np.random.default_rng(13)
+    tokens = tuple(int(t) for t in rng.permutation(V))
+    config = HeadsConfig(K, C, kind="chain", init="normal", recurrent_width=8,
+                         shortlist_tokens=tokens)
+    heads = ChainHeads(D, config, RuntimeOptions(), nnx.Rngs(0))
+    unembedding = rng.normal(0, 1.0, (V, D)).astype(np.float32)
+    heads.shortlist.attach_spelling(toy_table(table), unembedding)
+    heads.bias[...] = heads.bias[...] - 1e4
+    hidden = jnp.asarray(rng.normal(0, 1.0, (6, D)), jnp.float32)
+    teacher_probs = jax.nn.softmax(hidden @ unembedding.T, axis=-1)
+    rows = jnp.asarray(np.concatenate([table[np.asarray(jnp.argmax(teacher_probs, -1))[:3]],
+                                       table[rng.integers(0, V, 3)]]))
+    np.testing.assert_allclose(jax.nn.softmax(heads.logits(hidden, rows), axis=-1),
+                               chain_targets(teacher_probs, rows, toy_spelling(table)), atol=1e-5)
+
+
+def test_the_shortlist_holds_the_most_frequent_spellable_tokens():
+    spelling = types.SimpleNamespace(valid=np.array([True, True, False, True, True, True]))
+    counts = np.array([5, 9, 100, 5, 0, 7])
+    assert most_frequent_tokens(counts, spelling, 4) == (1, 5, 0, 3)  # ties: the lower id
+    with pytest.raises(ValueError, match=r"heads\.shortlist=6 exceeds the 5 tokens"):
+        most_frequent_tokens(counts, spelling, 6)
 
 
 def test_trie_walk_matches_a_python_trie():

@@ -77,8 +77,9 @@ def test_runs_resume_bitwise_and_start_from_another_runs_params(tmp_path):
     trainer.run(independent, tmp_path / "independent")
     first = read_metrics(tmp_path / "independent")
     assert first[(4, "loss")] < first[(1, "loss")]  # the tiny preset learns
-    chain = tiny_config(**{"heads.kind": "chain", "train.steps": 4, "train.log_every": 1,
-                           "train.eval_every": 100, "init_from": str(tmp_path / "independent")})
+    chain = tiny_config(**{"heads.kind": "chain", "heads.shortlist": 32, "train.steps": 4,
+                           "train.log_every": 1, "train.eval_every": 100,
+                           "init_from": str(tmp_path / "independent")})
     trainer.run(chain, tmp_path / "whole")
     trainer.run(chain, tmp_path / "resumed", stop_after=2)
     assert trainer.run(chain, tmp_path / "resumed")["step"] == 4

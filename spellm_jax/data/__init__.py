@@ -15,7 +15,12 @@ from spellm_jax.data.corpora import (
 )
 from spellm_jax.data.iterator import BatchIterator
 from spellm_jax.data.packing import Packed, pack_documents, pack_ids, tokenize_documents
-from spellm_jax.data.pipeline import TrainingData, self_generated_spec, training_data
+from spellm_jax.data.pipeline import (
+    TrainingData,
+    self_generated_spec,
+    token_counts,
+    training_data,
+)
 from spellm_jax.data.self_generated import (
     Prompt,
     Sample,
@@ -40,5 +45,5 @@ __all__ = [
     "load_documents", "load_named_documents", "load_self_generated", "pack_documents", "pack_ids",
     "parse_source", "read_documents",
     "read_samples", "sample_prompts", "self_generated_spec", "shard_dir", "strip_wiki_markup",
-    "tokenize_documents", "training_data", "wiki_articles",
+    "token_counts", "tokenize_documents", "training_data", "wiki_articles",
 ]

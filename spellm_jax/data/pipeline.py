@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
 
 from spellm_jax import tokenizers
 from spellm_jax.data import sources
-from spellm_jax.data.packing import pack_ids
+from spellm_jax.data.packing import pack_ids, tokenize_documents
 from spellm_jax.data.self_generated import (
     Sampler,
     SelfGeneratedSpec,
@@ -76,3 +78,13 @@ def training_data(config: Any, tokenizer: Any, teacher_source: str,
     prompts = evaluation_prompts(config.data.corpora, tokenizer, config.data.eval_prompts,
                                  config.data.prompt_tokens, seed)
     return TrainingData(batches, prompts)
+
+
+def token_counts(corpus_names: Sequence[str], tokenizer: Any, vocab_size: int) -> np.ndarray:
+    """`[V]`: how often each token occurs in the `train` split of the corpora (each source
+    beyond the built-ins read up to `sources.SAMPLE_CHARS`); the same on every host."""
+    documents = sources.read_documents(corpus_names, "train")
+    counts = np.zeros(vocab_size, np.int64)
+    for ids in tokenize_documents(list(documents.values()), tokenizer):
+        counts += np.bincount(ids, minlength=vocab_size)[:vocab_size]
+    return counts

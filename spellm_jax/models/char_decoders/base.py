@@ -41,8 +41,12 @@ class HeadsConfig:
     init: HeadInit = "lm_head_mean"
     recurrent_width: int = 128  # the chain kind's state over the symbols chosen so far
     hidden_every_step: bool = False  # chain: every recurrent step rereads the hidden state
+    # chain: tokens scored by their own rows along the chosen prefix (`shortlist.py`); the
+    # trainer fills it with the `heads.shortlist` most frequent training tokens
+    shortlist_tokens: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "shortlist_tokens", tuple(map(int, self.shortlist_tokens)))
         if self.kind not in DECODER_KINDS:
             raise ValueError(f"heads.kind={self.kind!r}; choose one of {', '.join(DECODER_KINDS)}.")
         if self.adapter not in ADAPTERS:

@@ -16,15 +16,17 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from spellm_jax import sharding
 from spellm_jax.models.char_decoders.base import HeadsConfig, register_decoder
 from spellm_jax.models.char_decoders.independent import IndependentHeads
 from spellm_jax.models.char_decoders.search import forced_log_probs, search_rows
+from spellm_jax.models.char_decoders.shortlist import Shortlist
 from spellm_jax.models.llama import RuntimeOptions
 from spellm_jax.sampling import GREEDY, Sampling
-from spellm_jax.spelling import DeviceSpelling
+from spellm_jax.spelling import DeviceSpelling, SpellingTable
 
 PREFIX_SUM_BLOCK = 64
 
@@ -126,6 +128,16 @@ class ChainHeads(IndependentHeads):
         if config.hidden_every_step:  # Q_i for the steps after the first; zero: s_i as without
             self.step_in = param(jax.nn.initializers.zeros, (d, k - 1, r),
                                  ("embed", "char_head", "char_state"))
+        self.shortlist = (Shortlist(d, config.shortlist_tokens, k, options, rngs)
+                          if config.shortlist_tokens else None)
+
+    def attach_spelling(self, spelling: SpellingTable, unembedding: np.ndarray | None = None,
+                        token_prior: np.ndarray | None = None) -> None:
+        """The independent heads' masks and initialisation, and the shortlist's rows."""
+        super().attach_spelling(spelling, unembedding, token_prior)
+        if self.shortlist is not None:
+            self.shortlist.attach_spelling(
+                spelling, unembedding if self.config.init == "lm_head_mean" else None)
 
     def _stepper(self, hidden: jax.Array, beam: int):
         """`(step, initial state)` for `search`: hidden `[N, d]`, hypotheses `[N, beam]`."""
@@ -137,7 +149,7 @@ class ChainHeads(IndependentHeads):
             reread = jnp.einsum("nd,dkr->nkr", hidden.astype(self.dtype),
                                 self.step_in[...].astype(self.dtype))
 
-        def step(s, previous, i):
+        def recurrent_step(s, previous, i):
             if previous is not None:
                 drive = self.symbol_embed[...][i].astype(self.dtype)[previous]  # [N, B, r]
                 if reread is not None:
@@ -147,7 +159,18 @@ class ChainHeads(IndependentHeads):
                                     preferred_element_type=jnp.float32)
             return base[:, None, i] + correction, s
 
-        return step, s0
+        if self.shortlist is None:
+            return recurrent_step, s0
+        scores = self.shortlist.scores(hidden)  # [N, R]
+
+        def step(state, previous, i):  # the shortlist's mass joins each symbol's
+            s, alive = state
+            logits, s = recurrent_step(s, previous, i)
+            words, alive = self.shortlist.step_logits(scores, alive, previous, i,
+                                                      self.config.num_symbols)
+            return jnp.logaddexp(logits, words), (s, alive)
+
+        return step, (s0, self.shortlist.alive_at_start(len(hidden), beam))
 
     # -- the CharDecoder interface -------------------------------------------------------------
 

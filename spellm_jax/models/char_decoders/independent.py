@@ -174,7 +174,8 @@ def head_cost(d: int, vocab_size: int, config: HeadsConfig) -> dict[str, float]:
     heads = config.k * d * config.num_symbols + config.use_bias * config.k * config.num_symbols
     adapter = 2 * d * config.adapter_multiplier * d + (config.adapter_multiplier + 1) * d
     adapter *= {"none": 0, "shared": 1, "per_head": config.k}[config.adapter]
-    params = heads + adapter
+    shortlist = len(config.shortlist_tokens) * (d + 1)  # the chain kind's word rows
+    params = heads + adapter + shortlist
     return {"lm_head_params": d * vocab_size, "heads_params": params,
             "lm_head_macs": d * vocab_size, "heads_macs": params,
             "ratio": params / (d * vocab_size)}
