@@ -510,6 +510,7 @@ def _check_or_write_metadata(workdir: epath.Path, metadata: dict) -> None:
             value, given = old.get(key), metadata[key]
             if key == "heads_config":  # fields added since an older run wrote it take defaults
                 value, given = _with_default_fields(value), _with_default_fields(given)
+            value, given = json.loads(json.dumps(value)), json.loads(json.dumps(given))  # as read
             if value != given:
                 raise ConfigError(
                     f"{workdir} holds a run with {key}={value!r}, but this config gives "
