@@ -54,13 +54,11 @@ class Shortlist(nnx.Module):
         self.kernel = param((d, size), ("embed", "char_shortlist"))
         self.bias = param((size,), ("char_shortlist",))
         self.spellings = SpellingConstant(jnp.zeros((size, k), jnp.int32))  # [R, k]
-        self.length = k  # symbols up to the longest shortlist spelling's PAD (set by the table)
 
     def attach_spelling(self, spelling: SpellingTable, unembedding: np.ndarray | None) -> None:
         """The tokens' rows of the table and, given the LM head's `[V, d]` rows, their rows."""
         tokens = np.asarray(self.tokens)
         self.spellings[...] = jnp.asarray(spelling.table[tokens], jnp.int32)
-        self.length = int(min(spelling.k, spelling.lengths[tokens].max() + 1))
         if unembedding is not None:
             self.kernel[...] = jnp.asarray(unembedding[tokens].T, self.kernel[...].dtype)
 
@@ -82,8 +80,6 @@ class Shortlist(nnx.Module):
         if previous is not None:
             alive = alive & (spellings[:, i - 1] == previous[..., None])
         n, beam, size = alive.shape
-        if isinstance(i, int) and i >= self.length:  # every shortlist token has ended
-            return jnp.full((n, beam, num_symbols), -jnp.inf), alive
         masked = jnp.where(alive, scores[:, None], -jnp.inf)
         top = jax.lax.stop_gradient(jnp.max(masked, axis=-1, keepdims=True))
         top = jnp.where(jnp.isfinite(top), top, 0.0)
