@@ -241,8 +241,9 @@ class TorchChainHeads(TorchIndependentHeads):
         def step(state, previous, i):  # the shortlist's alive tokens add their mass
             s, alive = state  # alive [B, R]
             logits, s = recurrent_step(s, previous, i)
-            if previous is not None:
-                alive = alive & (spellings[:, i - 1] == previous[:, None])
+            if previous is not None:  # an ended row (PAD) keeps no token alive
+                alive = alive & (spellings[:, i - 1] == previous[:, None]) & (
+                    previous[:, None] != self.pad)
             masked = scores.masked_fill(~alive, -torch.inf)
             top = masked.max(-1, keepdim=True).values
             top = torch.where(torch.isfinite(top), top, 0.0)

@@ -3,11 +3,12 @@
 Linear heads on the final hidden state plus a small recurrence of width r fed the previous
 symbol: `s_0 = tanh(P h)`, `s_i = silu(U s_{i-1} + E_i[c_{i-1}] (+ Q_i h))`, `logits_i = W_i h +
 b_i + V_i s_i`; with `hidden_every_step` every step rereads the hidden state through its `Q_i`.
-`V` (and `Q`) start at zero, so the decoder starts as the independent heads (and takes their
-trained `kernel` and `bias` from an independent run). The string distribution is the product of
-the conditionals, so its targets are the teacher's exact conditionals along the target spelling:
-`q_i(c | prefix)`, the teacher's mass on tokens continuing the prefix with c over its mass on the
-prefix.
+`V` (and `Q`) start at zero, so without a shortlist the decoder starts as the independent heads
+(it takes their trained `kernel` and `bias` from an independent run either way). The string
+distribution is the product of the conditionals, so its targets are the teacher's exact
+conditionals along the target spelling: `q_i(c | prefix)`, the teacher's mass on tokens
+continuing the prefix with c over its mass on the prefix. With a shortlist (`shortlist.py`)
+frequent tokens add their own rows' mass to each step's logits.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def up_to_first_pad(rows: jax.Array, pad: int) -> jax.Array:
 @register_decoder("chain")
 class ChainHeads(IndependentHeads):
     """The independent heads' `W_i h + b_i` (same parameters and names) plus the width-r
-    recurrence over the symbols chosen so far."""
+    recurrence over the symbols chosen so far, and the shortlist's word rows if it has one."""
 
     # `step_in` (Q) is left out: it multiplies h itself, unbounded, so the fresh learning rate
     # would move `Q h` by tens in one step.

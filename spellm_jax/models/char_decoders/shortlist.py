@@ -75,14 +75,23 @@ class Shortlist(nnx.Module):
     def step_logits(self, scores: jax.Array, alive: jax.Array, previous: jax.Array | None,
                     i: int | jax.Array, num_symbols: int) -> tuple[jax.Array, jax.Array]:
         """`(log Σ_{alive r, spell(r)_i = c} exp(scores_r)` `[N, B, C]`, alive `[N, B, R]`)
-        after `previous` `[N, B]` was chosen at i - 1 (-inf where no alive token has c)."""
+        after `previous` `[N, B]` was chosen at i - 1 (-inf where no alive token has c). A row
+        that has ended (PAD, the last symbol) keeps no token alive, and a step where no token is
+        alive skips the work (a decoded token leaves the shortlist within a few symbols)."""
         spellings = self.spellings[...]
-        if previous is not None:
-            alive = alive & (spellings[:, i - 1] == previous[..., None])
         n, beam, size = alive.shape
-        masked = jnp.where(alive, scores[:, None], -jnp.inf)
-        top = jax.lax.stop_gradient(jnp.max(masked, axis=-1, keepdims=True))
-        top = jnp.where(jnp.isfinite(top), top, 0.0)
-        weights = jnp.where(alive, jnp.exp(masked - top), 0.0).reshape(-1, size)
-        mass = jax.ops.segment_sum(weights.T, spellings[:, i], num_segments=num_symbols).T
-        return _safe_log(mass).reshape(n, beam, num_symbols) + top, alive
+
+        def log_masses(alive):
+            masked = jnp.where(alive, scores[:, None], -jnp.inf)
+            top = jax.lax.stop_gradient(jnp.max(masked, axis=-1, keepdims=True))
+            top = jnp.where(jnp.isfinite(top), top, 0.0)
+            weights = jnp.where(alive, jnp.exp(masked - top), 0.0).reshape(-1, size)
+            mass = jax.ops.segment_sum(weights.T, spellings[:, i], num_segments=num_symbols).T
+            return _safe_log(mass).reshape(n, beam, num_symbols) + top
+
+        if previous is None:
+            return log_masses(alive), alive
+        alive = alive & (spellings[:, i - 1] == previous[..., None]) & (
+            previous[..., None] != num_symbols - 1)
+        nothing = jnp.full((n, beam, num_symbols), -jnp.inf)
+        return jax.lax.cond(jnp.any(alive), log_masses, lambda _: nothing, alive), alive
