@@ -41,7 +41,7 @@ _ROWS = (  # (key, label, format)
     *((f"chain_ceiling/{mode}_beam{beam}",
        f"chain ceiling (exact conditionals), {label}, beam {beam}", "{:.1%}")
       for beam in CHAIN_BEAMS for mode, label in (("free", "free"), ("vocab", "trie-constrained"))),
-    ("exact_token_accuracy", "exact-token accuracy (all k symbols right)", "{:.1%}"),
+    ("exact_token_accuracy", "exact-token accuracy (every symbol to the end of the token)", "{:.1%}"),
     ("representable_share", "teacher tokens the table spells as one token (free ceiling)",
      "{:.1%}"),
     ("spellm_bits_per_byte", "SpeLLM bits per byte (renormalised over the vocabulary)", "{:.3f}"),

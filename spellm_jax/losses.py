@@ -99,7 +99,8 @@ def position_losses(decoder: CharDecoder, hidden: jax.Array, teacher_logits: jax
         "hard_ce": hard_per_head.sum(-1),
         "soft_kl_per_head": soft_per_head,
         "head_acc": head_correct.astype(jnp.float32),
-        "exact_token_acc": jnp.all(head_correct, axis=-1).astype(jnp.float32),
+        # Heads that carry no loss (the chain's, past the row's end) do not change the token.
+        "exact_token_acc": jnp.all(head_correct | (weights == 0), axis=-1).astype(jnp.float32),
         "truncated_share": (spelling.lengths[...][teacher_token] > spelling.k).astype(jnp.float32),
     }
 
