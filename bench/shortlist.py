@@ -32,15 +32,12 @@ def heldout_teacher_logits(config, model, tokenizer) -> np.ndarray:
     """The teacher's logits `[P, V]` at the positions of the trainer's held-out set."""
     import jax.numpy as jnp
 
-    from spellm_jax import decoding
     from spellm_jax.data import evaluation_prompts
-    from spellm_jax.metrics import continuation_rows
+    from spellm_jax.trainer import heldout_sequences
 
     prompts = evaluation_prompts(config.data.corpora, tokenizer, config.data.eval_prompts,
                                  config.data.prompt_tokens, config.seed)
-    continuations = decoding.generate(model, prompts, config.data.eval_new_tokens,
-                                      decoding.LMHeadRule()).tokens
-    rows, mask = continuation_rows(prompts, continuations, pad_id=0)
+    rows, mask = heldout_sequences(model, prompts, config)
     logits = np.concatenate([np.asarray(model(jnp.asarray(rows[i:i + 8])))
                              for i in range(0, len(rows), 8)])
     return logits[mask]

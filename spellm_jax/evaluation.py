@@ -26,6 +26,7 @@ from flax import nnx
 from spellm_jax import decoding, tokenizers
 from spellm_jax.data.last_word import LastWordItem
 from spellm_jax.metrics import continuation_rows, spelled_choices
+from spellm_jax.models.char_decoders.chain import up_to_first_pad
 from spellm_jax.models.char_decoders.search import search_rows
 from spellm_jax.spelling import RESPELL_MODES, DeviceSpelling, Respeller, SpellingTable
 
@@ -211,8 +212,7 @@ def agreement_metrics(outputs: dict[str, np.ndarray], mask: np.ndarray, ids: np.
     forced = outputs["forced_rows"][mask]  # each symbol given the target's symbols before it
     target_rows = spelling.table[teacher]
     head_acc = (forced == target_rows).mean(axis=0)
-    is_pad = target_rows == spelling.pad_symbol
-    spelled = np.cumsum(is_pad, axis=1) - is_pad == 0  # up to and including the first PAD
+    spelled = np.asarray(up_to_first_pad(target_rows, spelling.pad_symbol), bool)
     following = np.concatenate([ids[:, 1:], ids[:, :1]], axis=1)[mask]
     nats_to_bits = 1 / np.log(2)
     num_bytes = max(int(spelling.lengths[following].sum()), 1)

@@ -410,7 +410,7 @@ def start(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
                                        state["params"])
         print(f"initialised the trained parameters from {config.init_from}", file=sys.stderr)
     teacher_model = nnx.merge(setup.graphdef, setup.teacher_params, setup.rest)
-    eval_set = _eval_sequences(teacher_model, dataset, config)
+    eval_set = heldout_sequences(teacher_model, dataset.heldout_prompts, config)
     benchmark = None
     if config.benchmark.enabled:
         from spellm_jax.benchmarks.in_training import TrainingBenchmark
@@ -527,10 +527,10 @@ def _with_default_fields(heads: dict | None) -> dict | None:
             if field.default is not dataclasses.MISSING} | heads
 
 
-def _eval_sequences(teacher_model, dataset, config) -> tuple[np.ndarray, np.ndarray]:
-    """Held-out prompts followed by the teacher's greedy continuations, and the mask of the
-    positions that predict a continuation token."""
-    prompts = dataset.heldout_prompts[:config.data.eval_prompts]
+def heldout_sequences(teacher_model, heldout_prompts, config) -> tuple[np.ndarray, np.ndarray]:
+    """The first `data.eval_prompts` held-out prompts followed by the teacher's greedy
+    continuations, and the mask of the positions that predict a continuation token."""
+    prompts = heldout_prompts[:config.data.eval_prompts]
     continuations = decoding.generate(teacher_model, prompts, config.data.eval_new_tokens,
                                       decoding.LMHeadRule()).tokens
     return continuation_rows(prompts, continuations, pad_id=0)

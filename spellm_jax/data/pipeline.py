@@ -84,7 +84,6 @@ def token_counts(corpus_names: Sequence[str], tokenizer: Any, vocab_size: int) -
     """`[V]`: how often each token occurs in the `train` split of the corpora (each source
     beyond the built-ins read up to `sources.SAMPLE_CHARS`); the same on every host."""
     documents = sources.read_documents(corpus_names, "train")
-    counts = np.zeros(vocab_size, np.int64)
-    for ids in tokenize_documents(list(documents.values()), tokenizer):
-        counts += np.bincount(ids, minlength=vocab_size)[:vocab_size]
-    return counts
+    ids = tokenize_documents(list(documents.values()), tokenizer)
+    flat = np.concatenate(ids) if ids else np.zeros(0, np.int32)
+    return np.bincount(flat, minlength=vocab_size)[:vocab_size]

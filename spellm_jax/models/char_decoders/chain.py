@@ -134,11 +134,11 @@ class ChainHeads(IndependentHeads):
 
     def attach_spelling(self, spelling: SpellingTable, unembedding: np.ndarray | None = None,
                         token_prior: np.ndarray | None = None) -> None:
-        """The independent heads' masks and initialisation, and the shortlist's rows."""
+        """The independent heads' masks and initialisation, and the shortlist's spellings and
+        (given the LM head) rows."""
         super().attach_spelling(spelling, unembedding, token_prior)
         if self.shortlist is not None:
-            self.shortlist.attach_spelling(
-                spelling, unembedding if self.config.init == "lm_head_mean" else None)
+            self.shortlist.attach_spelling(spelling, unembedding)
 
     def _stepper(self, hidden: jax.Array, beam: int):
         """`(step, initial state)` for `search`: hidden `[N, d]`, hypotheses `[N, beam]`."""
