@@ -103,7 +103,8 @@ def markdown_summary(metrics: dict[str, Any], source: str) -> str:
                  for name, _ in _SETS]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     last_word = metrics["last_word"]
-    lines += ["", f"Last-word completion ({last_word['items']} items from held-out text, greedy):",
+    search = "greedy" if metrics["settings"]["beam"] == 1 else f"beam {metrics['settings']['beam']}"
+    lines += ["", f"Last-word completion ({last_word['items']} items from held-out text, {search}):",
               "", "| teacher (LM head) | SpeLLM free | SpeLLM vocabulary-constrained |",
               "| ---: | ---: | ---: |",
               f"| {last_word['teacher_accuracy']:.1%} | {last_word['free_accuracy']:.1%} | "

@@ -287,16 +287,17 @@ def _starts_a_word(data: bytes) -> bool:
 
 
 def last_word_accuracy(spellm, teacher, spelling: SpellingTable, items: Sequence[LastWordItem],
-                       pad_id: int, progress: str | None = None) -> dict[str, float]:
+                       pad_id: int, progress: str | None = None, beam: int = 1
+                       ) -> dict[str, float]:
     """Share of items whose target word greedy decoding reproduces, for the teacher (LM head) and
-    the SpeLLM (free, vocab): the string chosen at each target position (teacher-forced) equals
-    the target token's spelling, and the one after the word does not continue it. Same prompts,
-    same code, for all three."""
+    the SpeLLM (free, vocab; the best of `beam` strings for the chain kind): the string chosen
+    at each target position (teacher-forced) equals the target token's spelling, and the one
+    after the word does not continue it. Same prompts, same code, for all three."""
     length = max(len(i.context_ids) + len(i.target_ids) for i in items)
     rows = np.full((len(items), length), pad_id, np.int32)
     for row, item in enumerate(items):
         rows[row, :len(item.context_ids) + len(item.target_ids)] = item.context_ids + item.target_ids
-    outputs = position_outputs(spellm, teacher, rows, progress, full=False)
+    outputs = position_outputs(spellm, teacher, rows, progress, full=False, beam=beam)
 
     def token_string(token: int) -> bytes:
         return spelling.spellings[token] if token >= 0 else b""
@@ -374,7 +375,8 @@ def evaluate(spellm, teacher, respeller: Respeller, settings: EvalSettings) -> d
 
     items = last_word_items(documents, tokenizer, settings.last_word_items,
                             settings.last_word_context)
-    last_word = last_word_accuracy(spellm, teacher, spelling, items, pad_id, "last word")
+    last_word = last_word_accuracy(spellm, teacher, spelling, items, pad_id, "last word",
+                                   settings.beam)
     return {"k": spelling.k, "settings": dataclasses.asdict(settings), "real_text": real_text,
             "continuations": continuations,
             "ceiling_against_k": {str(k): v for k, v in ceiling.items()},
