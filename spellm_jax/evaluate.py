@@ -103,7 +103,8 @@ def markdown_summary(metrics: dict[str, Any], source: str) -> str:
                  for name, _ in _SETS]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     last_word = metrics["last_word"]
-    search = "greedy" if metrics["settings"]["beam"] == 1 else f"beam {metrics['settings']['beam']}"
+    beam = metrics["settings"]["beam"]
+    search = "greedy" if beam == 1 else f"beam {beam}"
     lines += ["", f"Last-word completion ({last_word['items']} items from held-out text, {search}):",
               "", "| teacher (LM head) | SpeLLM free | SpeLLM vocabulary-constrained |",
               "| ---: | ---: | ---: |",
