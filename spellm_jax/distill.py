@@ -42,8 +42,10 @@ class DistillSpec:
             raise ValueError(f"train.trainable={self.trainable!r}; choose one of {TRAINABLE_SETS}.")
 
 
-def trainable_filter(spec: DistillSpec, num_layers: int) -> Callable:
-    """nnx filter selecting the parameters that train (always including the character heads)."""
+def trainable_filter(spec: DistillSpec, num_layers: int,
+                     fixed_in_decoder: tuple[tuple[str, ...], ...] = ()) -> Callable:
+    """nnx filter selecting the parameters that train (always the character decoder's, except
+    those it keeps fixed: `fixed_in_decoder`, paths inside it)."""
     first_trained = num_layers - spec.top_layers
 
     def is_trainable(path: tuple, variable) -> bool:
@@ -51,7 +53,7 @@ def trainable_filter(spec: DistillSpec, num_layers: int) -> Callable:
             return False
         keys = tuple(str(p) for p in path)
         if keys[0] == "char_heads":
-            return True
+            return keys[1:] not in fixed_in_decoder
         if spec.trainable == "top_layers":
             return (keys[:2] == ("model", "norm")
                     or (keys[:2] == ("model", "layers") and int(keys[2]) >= first_trained))
@@ -64,7 +66,8 @@ def trainable_filter(spec: DistillSpec, num_layers: int) -> Callable:
 
 def split_model(model: SpeLLM, spec: DistillSpec):
     """`(graphdef, trainable, rest)`: rest holds frozen parameters and spelling constants."""
-    return nnx.split(model, trainable_filter(spec, model.config.num_layers), ...)
+    fixed = type(model.char_heads).FIXED_PARAMETERS
+    return nnx.split(model, trainable_filter(spec, model.config.num_layers, fixed), ...)
 
 
 def hidden_pair(student: SpeLLM, teacher: SpeLLM, input_ids: jax.Array, spec: DistillSpec

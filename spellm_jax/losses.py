@@ -46,9 +46,12 @@ class LossConfig:
 # The paths' weights too: the soft loss's gradient is scaled by them, and without their own name
 # the backward pass would recompute the teacher's logits to get them. The decoder's logits along
 # the paths spare the backward pass its `W_i h` product.
+# The word rows' targets (a chain decoder's shortlist) likewise.
 TEACHER_RESIDUALS = ("target_rows", "path_weights", "soft_targets", "loss_weights",
-                     "decoder_logits")
-SCALAR_METRICS = ("loss", "soft_kl", "hard_ce", "exact_token_acc", "truncated_share")
+                     "decoder_logits", "word_targets", "word_labels")
+WORD_METRICS = ("word_kl", "word_ce", "word_acc")
+SCALAR_METRICS = ("loss", "soft_kl", "hard_ce", "exact_token_acc", "truncated_share",
+                  *WORD_METRICS)
 PER_HEAD_METRICS = ("soft_kl_per_head", "head_acc")
 
 
@@ -63,9 +66,12 @@ def _per_path(x: jax.Array, path_rows: jax.Array) -> jax.Array:
 def position_losses(decoder: CharDecoder, hidden: jax.Array, teacher_logits: jax.Array,
                     spelling: DeviceSpelling, config: LossConfig) -> dict[str, jax.Array]:
     """Per-position losses and metrics (`SCALAR_METRICS` `[...]`, `PER_HEAD_METRICS` `[..., k]`)
-    of the decoder on hidden states `[..., d]` against the teacher's logits `[..., V]`."""
-    scaled = jnp.where(spelling.valid[...],
-                       teacher_logits.astype(jnp.float32) / config.temperature, -jnp.inf)
+    of the decoder on hidden states `[..., d]` against the teacher's logits `[..., V]`. The
+    spelled targets follow the tokens the decoder spells; tokens with their own rows (a chain
+    decoder's shortlist) are scored by `word_losses`."""
+    every = jnp.where(spelling.valid[...],
+                      teacher_logits.astype(jnp.float32) / config.temperature, -jnp.inf)
+    scaled = decoder.spelled_logits(every)
     if config.paths == 1:
         path_tokens = jnp.argmax(scaled, axis=-1)[..., None]
         path_logits = jnp.take_along_axis(scaled, path_tokens, axis=-1)
@@ -73,9 +79,9 @@ def position_losses(decoder: CharDecoder, hidden: jax.Array, teacher_logits: jax
         path_logits, path_tokens = jax.lax.top_k(scaled, config.paths)  # [..., P], argmax first
     path_weights = checkpoint_name(jax.nn.softmax(path_logits, axis=-1),  # 1.0 for one path
                                    "path_weights")
-    teacher_token = path_tokens[..., 0]
     # Proportional to the teacher's probabilities: the targets normalise, so no pass divides.
-    token_weights = jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True))
+    top = jnp.max(scaled, axis=-1, keepdims=True)
+    token_weights = jnp.exp(scaled - jnp.where(jnp.isfinite(top), top, 0.0))
     path_rows = checkpoint_name(spelling.rows_of(path_tokens), "target_rows")  # [..., P, k]
     targets = checkpoint_name(_per_path(decoder.soft_targets(token_weights, path_rows, spelling),
                                         path_rows), "soft_targets")  # [..., P, k, C]
@@ -92,8 +98,17 @@ def position_losses(decoder: CharDecoder, hidden: jax.Array, teacher_logits: jax
     log_probs = jax.nn.log_softmax(char_logits, axis=-1)
     hard_per_head = -jnp.take_along_axis(log_probs, target_rows[..., None], axis=-1)[..., 0] * weights
     head_correct = jnp.argmax(char_logits, axis=-1) == target_rows
-    loss = (config.soft_weight * soft_per_head.sum(-1) + config.hard_weight * hard_per_head.sum(-1))
-    return {
+    # With word rows, the KL over tokens is the word rows' KL over their R + 1 classes plus the
+    # teacher's rest mass times the spelled KL over the tokens outside: the spelled losses weigh
+    # by that mass (the hard one too, as the argmax is outside with about that probability).
+    words = decoder.word_losses(hidden, every)
+    spelled_share = 1.0 if words is None else words.pop("rest_mass")
+    if words is None:
+        words = dict.fromkeys(WORD_METRICS, jnp.zeros(hidden.shape[:-1]))
+    words["word_kl"] = words["word_kl"] * config.temperature**2
+    loss = (config.soft_weight * (spelled_share * soft_per_head.sum(-1) + words["word_kl"])
+            + config.hard_weight * (spelled_share * hard_per_head.sum(-1) + words["word_ce"]))
+    return words | {
         "loss": loss,
         "soft_kl": soft_per_head.sum(-1),
         "hard_ce": hard_per_head.sum(-1),
@@ -101,7 +116,8 @@ def position_losses(decoder: CharDecoder, hidden: jax.Array, teacher_logits: jax
         "head_acc": head_correct.astype(jnp.float32),
         # Heads that carry no loss (the chain's, past the row's end) do not change the token.
         "exact_token_acc": jnp.all(head_correct | (weights == 0), axis=-1).astype(jnp.float32),
-        "truncated_share": (spelling.lengths[...][teacher_token] > spelling.k).astype(jnp.float32),
+        "truncated_share": (spelling.lengths[...][jnp.argmax(every, axis=-1)]
+                            > spelling.k).astype(jnp.float32),
     }
 
 

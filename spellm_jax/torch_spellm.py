@@ -171,7 +171,8 @@ def _expand(state: State, beam: int) -> State:
 
 def torch_search(step: Callable, state: State, k: int, pad: int, beam: int,
                  trie: TorchPrefixTrie | None) -> torch.Tensor:
-    """`search.search_rows` for one hidden state, greedy or beam: the best row `[k]`."""
+    """`search.search_rows` for one hidden state, greedy or beam: the best row `[k]` and its
+    log-probability."""
     score = torch.full((beam,), -torch.inf)
     score[0] = 0.0
     rows = torch.full((beam, k), pad, dtype=torch.long)
@@ -192,7 +193,7 @@ def torch_search(step: Callable, state: State, k: int, pad: int, beam: int,
         log_probs = torch.where(done[:, None], finished, log_probs)
         if beam == 1:
             symbol = torch.where(done, pad, log_probs.argmax(-1))
-            parents = torch.zeros(1, dtype=torch.long)
+            score = score + log_probs.gather(-1, symbol[:, None])[:, 0]
         else:
             score, flat = torch.topk((score[:, None] + log_probs).reshape(-1), beam)
             parents, symbol = flat // logits.shape[-1], flat % logits.shape[-1]
@@ -204,7 +205,8 @@ def torch_search(step: Callable, state: State, k: int, pad: int, beam: int,
             lo, hi = trie.narrow(i, lo, hi, symbol)
         done = done | (symbol == pad)
         previous = symbol
-    return rows[int(score.argmax())]
+    best = int(score.argmax())
+    return rows[best], score[best]
 
 
 @register_torch_decoder("chain")
@@ -232,26 +234,17 @@ class TorchChainHeads(TorchIndependentHeads):
                 s = nn.functional.silu(s @ self._get("transition") + drive)
             return base[i] + s @ self._get("readout")[i], s
 
-        s0 = torch.tanh(hidden.float() @ self._get("state_in"))[None]
-        spellings = self.shortlist_spellings
-        if not len(spellings):
-            return recurrent_step, s0
-        scores = hidden.float() @ self._get("shortlist/kernel") + self._get("shortlist/bias")
+        return recurrent_step, torch.tanh(hidden.float() @ self._get("state_in"))[None]
 
-        def step(state, previous, i):  # the shortlist's alive tokens add their mass
-            s, alive = state  # alive [B, R]
-            logits, s = recurrent_step(s, previous, i)
-            if previous is not None:  # an ended row (PAD) keeps no token alive
-                alive = alive & (spellings[:, i - 1] == previous[:, None]) & (
-                    previous[:, None] != self.pad)
-            masked = scores.masked_fill(~alive, -torch.inf)
-            top = masked.max(-1, keepdim=True).values
-            top = torch.where(torch.isfinite(top), top, 0.0)
-            mass = torch.zeros(len(alive), logits.shape[-1]).index_add_(
-                1, spellings[:, i], torch.exp(masked - top))
-            return torch.logaddexp(logits, torch.log(mass) + top), (s, alive)
-
-        return step, (s0, torch.ones(1, len(spellings), dtype=torch.bool))
+    def _word_scores(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The shortlist's R word scores and the rest row's `[R + 1]` (None without one)."""
+        if not len(self.shortlist_spellings):
+            return None
+        h = hidden.float()
+        words = h @ self._get("shortlist/kernel")
+        rest = (torch.logsumexp(words, -1) + h @ self._get("shortlist/rest_kernel")
+                + self._get("shortlist/rest_bias"))
+        return torch.cat([words, rest.reshape(1)])
 
     def logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         flat = hidden.reshape(-1, hidden.shape[-1])
@@ -273,9 +266,17 @@ class TorchChainHeads(TorchIndependentHeads):
         flat = hidden.reshape(-1, hidden.shape[-1])
         rows = []
         for h in flat:
+            scores = self._word_scores(h)
+            word = None if scores is None else int(scores[:-1].argmax())
+            if word is not None and scores[-1] <= scores[word]:  # the rest row cannot win
+                rows.append(self.shortlist_spellings[word])
+                continue
             step, state = self._step(h)
-            rows.append(torch_search(step, _expand(state, beam), self.table.shape[1], self.pad,
-                                     beam, self.trie if constrained else None))
+            row, log_prob = torch_search(step, _expand(state, beam), self.table.shape[1],
+                                         self.pad, beam, self.trie if constrained else None)
+            if word is not None and scores[-1] + log_prob <= scores[word]:
+                row = self.shortlist_spellings[word]
+            rows.append(row)
         return torch.stack(rows).reshape(*hidden.shape[:-1], -1)
 
     def token_log_probs(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -293,6 +294,13 @@ class TorchChainHeads(TorchIndependentHeads):
             total = total + torch.where(done, 0.0, picked)
             lo, hi = self.trie.narrow(i, lo, hi, flat_rows[:, i])
             done = done | (flat_rows[:, i] == self.pad)
+        flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+        if len(self.shortlist_spellings):  # p_words(v) + p_rest * chain(v)
+            for n, (h, row) in enumerate(zip(flat_hidden, flat_rows, strict=True)):
+                log_probs = torch.log_softmax(self._word_scores(h), -1)
+                same = (self.shortlist_spellings == row).all(-1)
+                words = torch.logsumexp(log_probs[:-1].masked_fill(~same, -torch.inf), -1)
+                total[n] = torch.logaddexp(words, log_probs[-1] + total[n])
         return total.reshape(rows.shape[:-1])
 
 

@@ -12,8 +12,9 @@ from flax import nnx
 
 from spellm_jax.distill import make_optimizer
 from spellm_jax.models.char_decoders import HeadsConfig
-from spellm_jax.models.char_decoders.chain import ChainHeads, chain_targets, up_to_first_pad
+from spellm_jax.models.char_decoders.chain import ChainHeads, chain_targets
 from spellm_jax.models.char_decoders.independent import IndependentHeads
+from spellm_jax.models.char_decoders.search import forced_log_probs
 from spellm_jax.models.char_decoders.shortlist import most_frequent_tokens
 from spellm_jax.models.llama import RuntimeOptions
 from spellm_jax.sampling import Sampling
@@ -105,7 +106,8 @@ def test_the_chain_starts_as_the_independent_heads(hidden_every_step):
     np.testing.assert_allclose(chain.logits(hidden, rows), independent.logits(hidden), atol=1e-6)
 
 
-def _string_log_prob(heads, hidden, row) -> float:
+def _chain_log_prob(heads, hidden, row) -> float:
+    """The chain's own log-probability of a row (one hidden state `[d]`), symbol by symbol."""
     logits = heads.logits(hidden[None], jnp.asarray(row)[None])[0]
     log_probs = np.asarray(jax.nn.log_softmax(logits, axis=-1))
     total = 0.0
@@ -116,21 +118,52 @@ def _string_log_prob(heads, hidden, row) -> float:
     return total
 
 
+def _branches(heads, hidden, row) -> tuple[float, float]:
+    """`(log p_words(row), log p_rest + log chain(row))`, brute force; without a shortlist,
+    `(-inf, log chain(row))`."""
+    chain = _chain_log_prob(heads, hidden, row)
+    if heads.shortlist is None:
+        return -np.inf, chain
+    log_probs = np.asarray(jax.nn.log_softmax(heads.shortlist.scores(hidden[None])[0]))
+    spellings = np.asarray(heads.shortlist.spellings[...])
+    same = [r for r in range(len(spellings)) if tuple(spellings[r]) == tuple(row)]
+    words = np.logaddexp.reduce(log_probs[same]) if same else -np.inf
+    return words, log_probs[-1] + chain
+
+
+def _string_log_prob(heads, hidden, row) -> float:
+    """The decoder's log-probability of a row: `p_words + p_rest · chain` with a shortlist."""
+    return float(np.logaddexp(*_branches(heads, hidden, row)))
+
+
+def _decision_log_prob(heads, hidden, row) -> float:
+    """What decoding maximises: the better of the row's word and rest-row branches."""
+    return float(max(_branches(heads, hidden, row)))
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_beam_one_is_greedy_and_wide_beams_find_better_strings(variant):
     heads, spelling = toy_chain(3, **VARIANTS[variant]), toy_spelling(toy_rows())
     hidden = jnp.asarray(np.random.default_rng(4).normal(size=(6, D)), jnp.float32)
     greedy = np.asarray(heads.choose(hidden, spelling))
     np.testing.assert_array_equal(np.asarray(heads.choose(hidden, spelling, beam=1)), greedy)
-    for n in range(len(hidden)):  # greedy is the symbol-by-symbol argmax of the logits
-        logits = np.asarray(heads.logits(hidden[n:n + 1], jnp.asarray(greedy[n:n + 1])))[0]
-        done = False
+    for n in range(len(hidden)):  # the chain's greedy row: symbol by symbol, the argmax
+        chain_row = np.full(K, PAD, np.int32)
         for i in range(K):
-            assert greedy[n, i] == (PAD if done else logits[i].argmax())
-            done |= greedy[n, i] == PAD
+            logits = np.asarray(heads.logits(hidden[n:n + 1], jnp.asarray(chain_row[None])))[0]
+            chain_row[i] = logits[i].argmax()
+            if chain_row[i] == PAD:
+                break
+        want = chain_row
+        if heads.shortlist is not None:  # the best word unless the rest row's string beats it
+            scores = np.asarray(heads.shortlist.scores(hidden[n:n + 1]))[0]
+            word = np.asarray(heads.shortlist.spellings[...])[scores[:-1].argmax()]
+            if scores[-1] + _chain_log_prob(heads, hidden[n], chain_row) <= scores[:-1].max():
+                want = word
+        np.testing.assert_array_equal(greedy[n], want)
     wide = np.asarray(heads.choose(hidden, spelling, beam=4))
     for n in range(len(hidden)):
-        assert _string_log_prob(heads, hidden[n], wide[n]) >= _string_log_prob(
+        assert _decision_log_prob(heads, hidden[n], wide[n]) >= _decision_log_prob(
             heads, hidden[n], greedy[n]) - 1e-5
 
 
@@ -148,8 +181,18 @@ def test_constrained_rows_are_always_vocabulary_tokens_and_the_best_of_them(shor
         jnp.repeat(hidden, V, 0), jnp.asarray(np.tile(table, (len(hidden), 1))), spelling))
     scores = scores.reshape(len(hidden), V)
     np.testing.assert_allclose(np.exp(scores).sum(1), 1.0, atol=1e-5)  # a distribution
+    # The exhaustive search's choice: the best word or the rest row times the chain's best token
+    # (its string probability renormalised over the trie: the chain's share of `token_log_probs`).
+    chain_scores = np.asarray(forced_log_probs(
+        *heads._stepper(jnp.repeat(hidden, V, 0), 1), jnp.asarray(np.tile(table, (len(hidden), 1))),
+        PAD, trie=spelling)).reshape(len(hidden), V)
     for n in range(len(hidden)):
-        assert tuple(best[n]) == tuple(table[scores[n].argmax()])
+        decision = chain_scores[n]
+        if shortlist:
+            words = np.asarray(heads.shortlist.scores(hidden[n:n + 1]))[0]
+            decision = decision + words[-1]
+            decision[list(SHORTLIST)] = np.maximum(decision[list(SHORTLIST)], words[:-1])
+        assert tuple(best[n]) == tuple(table[decision.argmax()])
 
 
 @pytest.mark.parametrize("shortlist", [False, True])
@@ -171,10 +214,9 @@ def test_ancestral_sampling_follows_the_string_distribution(shortlist):
     assert total > 0.5  # the rows seen carry most of the mass the decoder gives
 
 
-def test_a_shortlist_of_every_token_gives_the_teachers_exact_conditionals():
-    """With every token in the shortlist, its rows the teacher's LM head and the chain's own
-    logits far below, the decoder's conditionals are the teacher's exact ones along any rows (up
-    to their end)."""
+def test_a_shortlist_of_every_token_is_the_teacher():
+    """With every token in the shortlist and its rows the teacher's LM head, the rest row gets
+    no mass: the decoder's token distribution is the teacher's and greedy picks its argmax."""
     table = toy_rows(12)
     rng = np.random.default_rng(13)
     tokens = tuple(int(t) for t in rng.permutation(V))
@@ -182,16 +224,52 @@ def test_a_shortlist_of_every_token_gives_the_teachers_exact_conditionals():
                          shortlist_tokens=tokens)
     heads = ChainHeads(D, config, RuntimeOptions(), nnx.Rngs(0))
     unembedding = rng.normal(0, 1.0, (V, D)).astype(np.float32)
-    heads.shortlist.attach_spelling(toy_table(table), unembedding)
-    heads.bias[...] = heads.bias[...] - 1e4
+    heads.attach_spelling(toy_table(table), unembedding)
+    spelling = toy_spelling(table)
     hidden = jnp.asarray(rng.normal(0, 1.0, (6, D)), jnp.float32)
-    teacher_probs = jax.nn.softmax(hidden @ unembedding.T, axis=-1)
-    rows = jnp.asarray(np.concatenate([table[np.asarray(jnp.argmax(teacher_probs, -1))[:3]],
-                                       table[rng.integers(0, V, 3)]]))
-    spelled = np.asarray(up_to_first_pad(rows, PAD), bool)  # symbols past the end are free
-    np.testing.assert_allclose(
-        np.asarray(jax.nn.softmax(heads.logits(hidden, rows), axis=-1))[spelled],
-        np.asarray(chain_targets(teacher_probs, rows, toy_spelling(table)))[spelled], atol=1e-5)
+    teacher = np.asarray(jax.nn.log_softmax(hidden @ unembedding.T, axis=-1))
+    got = np.asarray(heads.token_log_probs(jnp.repeat(hidden, V, 0),
+                                           jnp.asarray(np.tile(table, (6, 1))), spelling))
+    np.testing.assert_allclose(got.reshape(6, V), teacher, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(heads.choose(hidden, spelling)),
+                                  table[teacher.argmax(-1)])
+
+
+def test_the_rest_row_starts_at_the_teachers_average_share():
+    """The rest row's first share of the mass is the teacher's average mass outside the
+    shortlist (its token prior's), whatever the hidden state."""
+    table = toy_rows(14)
+    rng = np.random.default_rng(15)
+    heads = toy_chain(2, shortlist=True, table=table)
+    prior = rng.dirichlet(np.ones(V))
+    heads.attach_spelling(toy_table(table), rng.normal(0, 1.0, (V, D)).astype(np.float32), prior)
+    hidden = jnp.asarray(rng.normal(0, 1.0, (8, D)), jnp.float32)
+    share = np.exp(np.asarray(jax.nn.log_softmax(heads.shortlist.scores(hidden), -1))[:, -1])
+    np.testing.assert_allclose(share, np.delete(prior, SHORTLIST).sum(), rtol=1e-5)
+
+
+def test_word_losses_follow_the_teacher_over_the_shortlist_and_the_rest():
+    """The word rows' targets are the teacher's probabilities of the shortlist tokens and of
+    everything else; the chain's targets follow only the tokens outside the shortlist."""
+    heads = toy_chain(4, shortlist=True)
+    rng = np.random.default_rng(16)
+    hidden = jnp.asarray(rng.normal(size=(5, D)), jnp.float32)
+    teacher = jnp.asarray(rng.normal(0, 2.0, (5, V)), jnp.float32)
+    probs = np.asarray(jax.nn.softmax(teacher, -1))
+    inside = np.asarray(SHORTLIST)
+    target = np.concatenate([probs[:, inside], 1 - probs[:, inside].sum(-1, keepdims=True)], -1)
+    student = np.asarray(jax.nn.log_softmax(heads.shortlist.scores(hidden), -1))
+    want_kl = np.sum(target * (np.log(target) - student), -1)
+    best = probs.argmax(-1)
+    label = np.array([list(inside).index(b) if b in inside else len(inside) for b in best])
+    got = heads.word_losses(hidden, teacher)
+    np.testing.assert_allclose(got["word_kl"], want_kl, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got["word_ce"], -student[np.arange(5), label], rtol=1e-5)
+    np.testing.assert_array_equal(got["word_acc"], student.argmax(-1) == label)
+    np.testing.assert_allclose(got["rest_mass"], target[:, -1], rtol=1e-5)
+    spelled = np.asarray(heads.spelled_logits(teacher))
+    assert np.all(np.isneginf(spelled[:, inside]))
+    np.testing.assert_array_equal(np.delete(spelled, inside, 1), np.delete(teacher, inside, 1))
 
 
 def test_the_shortlist_holds_the_most_frequent_spellable_tokens():

@@ -28,6 +28,7 @@ class FixedToken(nnx.Module):
     `FIXED_SPELLING` with certainty."""
 
     FRESH_PARAMETERS = ()
+    FIXED_PARAMETERS = ()
 
     def __init__(self, d: int, config: HeadsConfig, options: RuntimeOptions, rngs: nnx.Rngs):
         self.config = config
@@ -52,6 +53,12 @@ class FixedToken(nnx.Module):
 
     def soft_targets(self, token_weights, rows, spelling: DeviceSpelling):
         return spelling.symbol_marginals(token_weights)
+
+    def spelled_logits(self, teacher_logits):
+        return teacher_logits
+
+    def word_losses(self, hidden, teacher_logits):
+        return None
 
     def loss_weights(self, rows, spelling):
         return jnp.ones(rows.shape, jnp.float32)

@@ -41,8 +41,9 @@ class HeadsConfig:
     init: HeadInit = "lm_head_mean"
     recurrent_width: int = 128  # the chain kind's state over the symbols chosen so far
     hidden_every_step: bool = False  # chain: every recurrent step rereads the hidden state
-    # chain: tokens scored by their own rows along the chosen prefix (`shortlist.py`); the
-    # trainer fills it with the `heads.shortlist` most frequent training tokens
+    # chain: tokens scored by their own rows, beside a rest row for the tokens the chain spells
+    # (`shortlist.py`); the trainer fills it with the `heads.shortlist` most frequent training
+    # tokens
     shortlist_tokens: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
@@ -60,6 +61,8 @@ class CharDecoder(Protocol):
 
     config: HeadsConfig
     FRESH_PARAMETERS: ClassVar[tuple[str, ...]]  # parameters no LM head initialises
+    # paths of parameters that keep their first values (never in the trainable set)
+    FIXED_PARAMETERS: ClassVar[tuple[tuple[str, ...], ...]]
 
     def logits(self, hidden: jax.Array, rows: jax.Array | None = None) -> jax.Array:
         """Teacher-forced symbol logits `[..., k, C]` (fp32): symbol i given `rows[..., :i]`
@@ -87,6 +90,18 @@ class CharDecoder(Protocol):
         """The distillation targets `[..., k, C]` (each head's a distribution) for token weights
         `[..., V]` proportional to the teacher's probabilities, along the target rows `[..., k]`
         (or `[..., P, k]`: shaped as `logits`)."""
+        ...
+
+    def spelled_logits(self, teacher_logits: jax.Array) -> jax.Array:
+        """The teacher's logits `[..., V]` over the tokens the decoder spells (-inf on those
+        scored by their own rows): what `soft_targets` and the spelled targets follow."""
+        ...
+
+    def word_losses(self, hidden: jax.Array, teacher_logits: jax.Array
+                    ) -> dict[str, jax.Array] | None:
+        """For kinds with word rows, `word_kl`, `word_ce` and `word_acc` `[...]` of those rows
+        against the teacher's logits `[..., V]`, and `rest_mass`, the teacher's mass on the
+        tokens the decoder spells; None otherwise."""
         ...
 
     def loss_weights(self, rows: jax.Array, spelling: DeviceSpelling) -> jax.Array:

@@ -8,7 +8,8 @@ b_i + V_i s_i`; with `hidden_every_step` every step rereads the hidden state thr
 distribution is the product of the conditionals, so its targets are the teacher's exact
 conditionals along the target spelling: `q_i(c | prefix)`, the teacher's mass on tokens
 continuing the prefix with c over its mass on the prefix. With a shortlist (`shortlist.py`)
-frequent tokens add their own rows' mass to each step's logits.
+frequent tokens have their own rows and a rest row takes the mass of all others: the chain then
+spells only those, and its targets are the teacher's conditionals over them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from spellm_jax import sharding
 from spellm_jax.models.char_decoders.base import HeadsConfig, register_decoder
@@ -26,7 +28,7 @@ from spellm_jax.models.char_decoders.independent import IndependentHeads
 from spellm_jax.models.char_decoders.search import forced_log_probs, search_rows
 from spellm_jax.models.char_decoders.shortlist import Shortlist
 from spellm_jax.models.llama import RuntimeOptions
-from spellm_jax.sampling import GREEDY, Sampling
+from spellm_jax.sampling import GREEDY, Sampling, sample
 from spellm_jax.spelling import DeviceSpelling, SpellingTable
 
 PREFIX_SUM_BLOCK = 64
@@ -109,9 +111,12 @@ class ChainHeads(IndependentHeads):
     """The independent heads' `W_i h + b_i` (same parameters and names) plus the width-r
     recurrence over the symbols chosen so far, and the shortlist's word rows if it has one."""
 
-    # `step_in` (Q) is left out: it multiplies h itself, unbounded, so the fresh learning rate
-    # would move `Q h` by tens in one step.
-    FRESH_PARAMETERS = ("state_in", "transition", "symbol_embed", "readout")
+    # `step_in` (Q) and the rest row's kernel are left out: they multiply h itself, unbounded, so
+    # the fresh learning rate would move their scores by tens in one step.
+    FRESH_PARAMETERS = ("state_in", "transition", "symbol_embed", "readout", "rest_bias")
+    # The word rows stay the LM head's: trained, every row would drift with the optimizer's
+    # steps, and the choice among the shortlist, exact at the start, would drift with them.
+    FIXED_PARAMETERS = (("shortlist", "kernel"),)
 
     def __init__(self, d: int, config: HeadsConfig, options: RuntimeOptions, rngs: nnx.Rngs):
         super().__init__(d, config, options, rngs)
@@ -135,10 +140,13 @@ class ChainHeads(IndependentHeads):
     def attach_spelling(self, spelling: SpellingTable, unembedding: np.ndarray | None = None,
                         token_prior: np.ndarray | None = None) -> None:
         """The independent heads' masks and initialisation, and the shortlist's spellings and
-        (given the LM head) rows."""
-        super().attach_spelling(spelling, unembedding, token_prior)
+        (given the LM head) rows. With a shortlist the heads start from the tokens outside it,
+        the ones the chain spells."""
         if self.shortlist is not None:
-            self.shortlist.attach_spelling(spelling, unembedding)
+            self.shortlist.attach_spelling(spelling, unembedding, token_prior)
+            outside = self.shortlist.outside(spelling.vocab_size)
+            token_prior = np.where(outside, 1.0 if token_prior is None else token_prior, 0.0)
+        super().attach_spelling(spelling, unembedding, token_prior)
 
     def _stepper(self, hidden: jax.Array, beam: int):
         """`(step, initial state)` for `search`: hidden `[N, d]`, hypotheses `[N, beam]`."""
@@ -160,18 +168,7 @@ class ChainHeads(IndependentHeads):
                                     preferred_element_type=jnp.float32)
             return base[:, None, i] + correction, s
 
-        if self.shortlist is None:
-            return recurrent_step, s0
-        scores = self.shortlist.scores(hidden)  # [N, R]
-
-        def step(state, previous, i):  # the shortlist's mass joins each symbol's
-            s, alive = state
-            logits, s = recurrent_step(s, previous, i)
-            words, alive = self.shortlist.step_logits(scores, alive, previous, i,
-                                                      self.config.num_symbols)
-            return jnp.logaddexp(logits, words), (s, alive)
-
-        return step, (s0, self.shortlist.alive_at_start(len(hidden), beam))
+        return recurrent_step, s0
 
     # -- the CharDecoder interface -------------------------------------------------------------
 
@@ -195,26 +192,90 @@ class ChainHeads(IndependentHeads):
                key: jax.Array | None = None, sampling: Sampling = GREEDY,
                constrained: bool = False, beam: int = 1) -> jax.Array:
         """Symbol by symbol: greedy, ancestral sampling or a beam of `beam` strings, within the
-        vocabulary's prefix trie if `constrained`."""
+        vocabulary's prefix trie if `constrained`. With a shortlist, the best word against the
+        rest row times the chain's best string (or a sample of the R + 1 rows, then of the
+        chain's strings if it is the rest row); the chain runs only when the rest row can win."""
         flat = hidden.reshape(-1, hidden.shape[-1])
-        step, state = self._stepper(flat, beam)
-        rows = search_rows(step, state, self.config.k, self.config.num_symbols - 1,
-                           trie=spelling if constrained else None, beam=beam, sampling=sampling,
-                           key=key)
+
+        def spell(chain_key: jax.Array | None, with_score: bool = False):
+            step, state = self._stepper(flat, beam)  # inside: skipped with the branch
+            return search_rows(step, state, self.config.k, self.config.num_symbols - 1,
+                               trie=spelling if constrained else None, beam=beam,
+                               sampling=sampling, key=chain_key, with_score=with_score)
+
+        if self.shortlist is None:
+            return spell(key).reshape(*hidden.shape[:-1], self.config.k)
+        scores = self.shortlist.scores(flat)  # [N, R + 1]
+        spellings = self.shortlist.spellings[...]
+        if sampling.greedy:
+            word = jnp.argmax(scores[:, :-1], axis=-1)
+            word_score = jnp.max(scores[:, :-1], axis=-1)
+
+            def spelled(_):
+                rows, chain_log_prob = spell(None, with_score=True)
+                rest_wins = scores[:, -1] + chain_log_prob > word_score
+                return jnp.where(rest_wins[:, None], rows, spellings[word])
+
+            can_win = jnp.any(scores[:, -1] > word_score)  # a string's probability is <= 1
+        else:
+            word_key, chain_key = jax.random.split(key)
+            slot = sample(scores, word_key, sampling)  # [N]: a word or the rest row
+            word = jnp.minimum(slot, len(spellings) - 1)
+
+            def spelled(_):
+                return jnp.where((slot == len(spellings))[:, None], spell(chain_key),
+                                 spellings[word])
+
+            can_win = jnp.any(slot == len(spellings))
+        rows = jax.lax.cond(can_win, spelled, lambda _: spellings[word], None)
         return rows.reshape(*hidden.shape[:-1], self.config.k)
 
     def token_log_probs(self, hidden: jax.Array, rows: jax.Array, spelling: DeviceSpelling
                         ) -> jax.Array:
         """The trie-renormalised string probability of each row `[...]`: a distribution over
-        the vocabulary's distinct rows."""
+        the vocabulary's distinct rows. With a shortlist, `p_words(v) + p_rest · chain(v)`."""
         flat = hidden.reshape(-1, hidden.shape[-1])
+        flat_rows = rows.reshape(-1, self.config.k)
         step, state = self._stepper(flat, 1)
-        return forced_log_probs(step, state, rows.reshape(-1, self.config.k),
-                                spelling.pad_symbol, trie=spelling).reshape(hidden.shape[:-1])
+        chain = forced_log_probs(step, state, flat_rows, spelling.pad_symbol, trie=spelling)
+        if self.shortlist is not None:
+            log_probs = jax.nn.log_softmax(self.shortlist.scores(flat), axis=-1)
+            chain = jnp.logaddexp(self.shortlist.word_log_probs(log_probs, flat_rows),
+                                  log_probs[:, -1] + chain)
+        return chain.reshape(hidden.shape[:-1])
 
     def soft_targets(self, token_weights: jax.Array, rows: jax.Array, spelling: DeviceSpelling
                      ) -> jax.Array:
         return chain_targets(token_weights, rows, spelling)
+
+    def spelled_logits(self, teacher_logits: jax.Array) -> jax.Array:
+        """The teacher's logits `[..., V]` over the tokens the chain spells: -inf on the
+        shortlist's, which have their own rows."""
+        if self.shortlist is None:
+            return teacher_logits
+        outside = jnp.asarray(self.shortlist.outside(teacher_logits.shape[-1]))
+        return jnp.where(outside, teacher_logits, -jnp.inf)
+
+    def word_losses(self, hidden: jax.Array, teacher_logits: jax.Array
+                    ) -> dict[str, jax.Array] | None:
+        """The shortlist's rows against the teacher over the R + 1 classes (its tokens, then
+        the rest): KL, cross-entropy on the argmax's class, whether the rows pick it, and the
+        teacher's rest mass `[...]`; None without a shortlist."""
+        if self.shortlist is None:
+            return None
+        lead = teacher_logits.shape[:-1]
+        scores = self.shortlist.scores(hidden.reshape(-1, hidden.shape[-1]))
+        student = jax.nn.log_softmax(scores, axis=-1).reshape(*lead, -1)
+        target = checkpoint_name(self.shortlist.target_log_probs(
+            jax.nn.log_softmax(teacher_logits, axis=-1)), "word_targets")
+        label = checkpoint_name(self.shortlist.slot_of(jnp.argmax(teacher_logits, axis=-1)),
+                                "word_labels")
+        kl = jnp.sum(jnp.where(jnp.isfinite(target), jnp.exp(target) * (target - student), 0.0),
+                     axis=-1)
+        return {"word_kl": kl,
+                "word_ce": -jnp.take_along_axis(student, label[..., None], axis=-1)[..., 0],
+                "word_acc": (jnp.argmax(student, axis=-1) == label).astype(jnp.float32),
+                "rest_mass": jnp.exp(target[..., -1])}
 
     def loss_weights(self, rows: jax.Array, spelling: DeviceSpelling) -> jax.Array:
         """Positions past the target's first PAD carry no loss (the row has ended)."""

@@ -64,6 +64,7 @@ class IndependentHeads(nnx.Module):
     """Hidden states `[..., d]` -> symbol logits `[..., k, C]` (fp32), each head on its own."""
 
     FRESH_PARAMETERS: tuple[str, ...] = ()  # every parameter starts from the LM head
+    FIXED_PARAMETERS: tuple[tuple[str, ...], ...] = ()
 
     def __init__(self, d: int, config: HeadsConfig, options: RuntimeOptions, rngs: nnx.Rngs):
         self.config, self.dtype = config, options.dtype
@@ -141,6 +142,14 @@ class IndependentHeads(nnx.Module):
         del rows
         return spelling.symbol_marginals(token_weights)
 
+    def spelled_logits(self, teacher_logits: jax.Array) -> jax.Array:
+        """The heads spell every token."""
+        return teacher_logits
+
+    def word_losses(self, hidden: jax.Array, teacher_logits: jax.Array) -> None:
+        """No token has its own row."""
+        del hidden, teacher_logits
+
     def loss_weights(self, rows: jax.Array, spelling: DeviceSpelling) -> jax.Array:
         """Every head carries loss, PAD positions included (they predict the end of the token)."""
         del spelling
@@ -174,7 +183,8 @@ def head_cost(d: int, vocab_size: int, config: HeadsConfig) -> dict[str, float]:
     heads = config.k * d * config.num_symbols + config.use_bias * config.k * config.num_symbols
     adapter = 2 * d * config.adapter_multiplier * d + (config.adapter_multiplier + 1) * d
     adapter *= {"none": 0, "shared": 1, "per_head": config.k}[config.adapter]
-    shortlist = len(config.shortlist_tokens) * (d + 1)  # the chain kind's word rows
+    # the chain kind's word rows and rest row
+    shortlist = (len(config.shortlist_tokens) + 1) * d + 1 if config.shortlist_tokens else 0
     params = heads + adapter + shortlist
     return {"lm_head_params": d * vocab_size, "heads_params": params,
             "lm_head_macs": d * vocab_size, "heads_macs": params,

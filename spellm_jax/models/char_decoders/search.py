@@ -43,12 +43,14 @@ def _reorder(tree: Any, parents: jax.Array) -> Any:
 
 def search_rows(step: Step, state: Any, k: int, pad: int, *, trie: DeviceSpelling | None = None,
                 beam: int = 1, sampling: Sampling = GREEDY, key: jax.Array | None = None,
-                unroll: bool = True) -> jax.Array:
+                unroll: bool = True, with_score: bool = False
+                ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """The best (or sampled) row `[N, k]` for each of N hidden states. `state` has leading
     dimensions `[N, beam]`. With a `trie` (the spelling's), only symbols that keep the row a
     prefix of some vocabulary token are chosen, so the row spells exactly one token. `unroll`:
     the k symbol steps are unrolled (fastest to run: decoding), else one `lax.scan` step with a
-    traced `i` (fastest to compile: evaluation's ceilings)."""
+    traced `i` (fastest to compile: evaluation's ceilings). `with_score`: also the row's
+    log-probability `[N]` (each symbol's renormalised over the trie's symbols when constrained)."""
     if beam > 1 and not sampling.greedy:
         raise ValueError("beam search is greedy; sample with beam=1.")
     constrained = trie is not None
@@ -65,6 +67,8 @@ def search_rows(step: Step, state: Any, k: int, pad: int, *, trie: DeviceSpellin
         if beam == 1:
             step_key = None if key is None else jax.random.fold_in(key, i)
             symbol = jnp.where(done, pad, sample(log_probs, step_key, sampling))
+            if with_score:
+                score = score + jnp.take_along_axis(log_probs, symbol[..., None], -1)[..., 0]
         else:
             candidates = (score[..., None] + log_probs).reshape(n, -1)  # [N, B * C]
             score, flat = jax.lax.top_k(candidates, beam)
@@ -88,7 +92,10 @@ def search_rows(step: Step, state: Any, k: int, pad: int, *, trie: DeviceSpellin
             lambda c, i: (advance(*c, i), None), (carry, previous), jnp.arange(1, k))
     score, rows = carry[:2]
     best = jnp.argmax(score, axis=-1)
-    return jnp.take_along_axis(rows, best[:, None, None], axis=1)[:, 0]
+    row = jnp.take_along_axis(rows, best[:, None, None], axis=1)[:, 0]
+    if with_score:
+        return row, jnp.take_along_axis(score, best[:, None], axis=1)[:, 0]
+    return row
 
 
 def forced_log_probs(step: Step, state: Any, rows: jax.Array, pad: int,

@@ -1,12 +1,16 @@
-"""Word rows for the chain decoder: a shortlist of frequent tokens, each scored by its own row.
+"""Word rows for the chain decoder: a shortlist of frequent tokens, each scored by its own row,
+and one rest row for every other token, whose spelling the chain decoder gives.
 
 `W_i h` scores a symbol with one direction of h for every word that has it at position i, while
-the teacher scores each word with its own row. The shortlist keeps R such rows (the LM head's, at
-first) for the R tokens most frequent in the training text. At step i the shortlist tokens whose
-spelling starts with the symbols chosen so far (the "alive" ones) add `exp(u_r·h + b_r)` to the
-logit of their i-th symbol (PAD where the token ends), so over those tokens the decoder starts out
-as the teacher's exact conditionals; the chain decoder's own logits cover the rest. The cost is
-R·d multiply-adds per token and k passes over R numbers, whatever the vocabulary's size.
+the teacher scores each word with its own row. The shortlist keeps R such rows (the LM head's,
+not trained) for the R tokens most frequent in the training text, plus a trained rest row: a
+softmax over the R + 1 scores `u_r·h`, `u_rest·h + b_rest` gives each shortlist token its
+probability and the rest row the mass of all other tokens, which the chain's string distribution
+shares out. So the decoder's token
+distribution is `p(v) = p_words(v) + p_rest · chain(spell(v))`, and the choice among the
+shortlist is a plain argmax: exact, however the tokens' spellings overlap. Its targets are the
+teacher's probabilities of the shortlist tokens and its remaining mass. The cost is (R + 1)·d
+multiply-adds per token, whatever the vocabulary's size.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from spellm_jax import sharding
+from spellm_jax.models.char_decoders.base import MASKED_LOGIT
 from spellm_jax.models.llama import RuntimeOptions
 from spellm_jax.spelling import SpellingTable
 from spellm_jax.spelling.device import SpellingConstant
@@ -32,15 +37,22 @@ def most_frequent_tokens(counts: np.ndarray, spelling: SpellingTable, size: int
     return tuple(int(t) for t in ranked[:size])
 
 
-def _safe_log(x: jax.Array) -> jax.Array:
-    """`log x`, -inf where x = 0, with finite gradients there."""
-    positive = x > 0
-    return jnp.where(positive, jnp.log(jnp.where(positive, x, 1.0)), -jnp.inf)
+def rest_share_logit(outside: np.ndarray, prior: np.ndarray | None) -> float:
+    """The log-odds of the teacher's average mass on the tokens `outside` the shortlist (bool
+    `[V]`), from its token `prior` `[V]` (an average next-token distribution); 0 without one,
+    and no share at all when no token is outside."""
+    if not outside.any():
+        return MASKED_LOGIT
+    if prior is None:
+        return 0.0
+    share = float(np.clip(np.sum(prior[outside]) / max(np.sum(prior), 1e-30), 1e-6, 1 - 1e-6))
+    return float(np.log(share / (1 - share)))
 
 
 class Shortlist(nnx.Module):
-    """`scores(h)` `[N, R]` once per hidden state; `step_logits` the log-mass each symbol gets
-    from the alive tokens at one step."""
+    """`scores(h)` `[N, R + 1]`: the R word rows' scores, then the rest row's, `log Σ_r
+    exp(u_r·h) + w·h + b`: the rest row learns the log-odds `w·h + b` of the rest against the
+    shortlist, which starts at the teacher's average (`rest_share_logit`)."""
 
     def __init__(self, d: int, tokens: tuple[int, ...], k: int, options: RuntimeOptions,
                  rngs: nnx.Rngs):
@@ -52,46 +64,59 @@ class Shortlist(nnx.Module):
                                   options.param_dtype)
 
         self.kernel = param((d, size), ("embed", "char_shortlist"))
-        self.bias = param((size,), ("char_shortlist",))
+        self.rest_kernel = param((d,), ("embed",))
+        self.rest_bias = param((), ())
         self.spellings = SpellingConstant(jnp.zeros((size, k), jnp.int32))  # [R, k]
 
-    def attach_spelling(self, spelling: SpellingTable, unembedding: np.ndarray | None) -> None:
-        """The tokens' rows of the table and, given the LM head's `[V, d]` rows, their rows."""
+    def attach_spelling(self, spelling: SpellingTable, unembedding: np.ndarray | None,
+                        token_prior: np.ndarray | None = None) -> None:
+        """The tokens' rows of the table and, given the LM head's `[V, d]` rows, the word rows
+        and the rest row's log-odds (`w = 0`, `b` from the teacher's `token_prior`)."""
         tokens = np.asarray(self.tokens)
         self.spellings[...] = jnp.asarray(spelling.table[tokens], jnp.int32)
-        if unembedding is not None:
-            self.kernel[...] = jnp.asarray(unembedding[tokens].T, self.kernel[...].dtype)
+        if unembedding is None:
+            return
+        self.kernel[...] = jnp.asarray(unembedding[tokens].T, self.kernel[...].dtype)
+        self.rest_kernel[...] = jnp.zeros_like(self.rest_kernel[...])
+        outside = self.outside(spelling.vocab_size, spelling.valid)
+        self.rest_bias[...] = jnp.asarray(rest_share_logit(outside, token_prior),
+                                          self.rest_bias[...].dtype)
+
+    def outside(self, vocab_size: int, valid: np.ndarray | None = None) -> np.ndarray:
+        """bool `[V]`: the (valid) tokens the shortlist does not hold."""
+        out = np.ones(vocab_size, bool) if valid is None else np.asarray(valid, bool).copy()
+        out[np.asarray(self.tokens, np.int64)] = False
+        return out
 
     def scores(self, hidden: jax.Array) -> jax.Array:
-        """`u_r·h + b_r` `[N, R]` (fp32) for hidden states `[N, d]`."""
-        z = jnp.einsum("nd,dr->nr", hidden.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                       preferred_element_type=jnp.float32)
-        return z + self.bias[...].astype(jnp.float32)
+        """`[u_r·h, log Σ_r exp(u_r·h) + w·h + b]` `[N, R + 1]` (fp32) for hidden states
+        `[N, d]`."""
+        h = hidden.astype(self.dtype)
+        words = jnp.einsum("nd,dr->nr", h, self.kernel[...].astype(self.dtype),
+                           preferred_element_type=jnp.float32)
+        odds = jnp.einsum("nd,d->n", h, self.rest_kernel[...].astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+        rest = jax.nn.logsumexp(words, axis=-1) + odds + self.rest_bias[...].astype(jnp.float32)
+        return jnp.concatenate([words, rest[:, None]], -1)
 
-    def alive_at_start(self, n: int, beam: int) -> jax.Array:
-        """bool `[N, B, R]`: before any symbol every shortlist token is alive."""
-        return jnp.ones((n, beam, len(self.tokens)), bool)
+    def slot_of(self, tokens: jax.Array) -> jax.Array:
+        """Each token's index among the R + 1 scores: its row, or R (the rest row)."""
+        size = len(self.tokens)
+        vocab_slots = np.full(max(max(self.tokens, default=0) + 1, 1), size, np.int32)
+        vocab_slots[np.asarray(self.tokens, np.int64)] = np.arange(size)
+        inside = tokens < len(vocab_slots)
+        return jnp.where(inside, jnp.asarray(vocab_slots)[jnp.where(inside, tokens, 0)], size)
 
-    def step_logits(self, scores: jax.Array, alive: jax.Array, previous: jax.Array | None,
-                    i: int | jax.Array, num_symbols: int) -> tuple[jax.Array, jax.Array]:
-        """`(log Σ_{alive r, spell(r)_i = c} exp(scores_r)` `[N, B, C]`, alive `[N, B, R]`)
-        after `previous` `[N, B]` was chosen at i - 1 (-inf where no alive token has c). A row
-        that has ended (PAD, the last symbol) keeps no token alive, and a step where no token is
-        alive skips the work (a decoded token leaves the shortlist within a few symbols)."""
-        spellings = self.spellings[...]
-        n, beam, size = alive.shape
+    def target_log_probs(self, teacher_log_probs: jax.Array) -> jax.Array:
+        """The teacher's log-probabilities `[..., V]` gathered into the R + 1 classes: each
+        shortlist token's, then the log of the mass of all others."""
+        tokens = jnp.asarray(self.tokens, jnp.int32)
+        rest = jnp.asarray(self.outside(teacher_log_probs.shape[-1]))
+        rest_mass = jax.nn.logsumexp(jnp.where(rest, teacher_log_probs, -jnp.inf), axis=-1)
+        return jnp.concatenate([teacher_log_probs[..., tokens], rest_mass[..., None]], -1)
 
-        def log_masses(alive):
-            masked = jnp.where(alive, scores[:, None], -jnp.inf)
-            top = jax.lax.stop_gradient(jnp.max(masked, axis=-1, keepdims=True))
-            top = jnp.where(jnp.isfinite(top), top, 0.0)
-            weights = jnp.where(alive, jnp.exp(masked - top), 0.0).reshape(-1, size)
-            mass = jax.ops.segment_sum(weights.T, spellings[:, i], num_segments=num_symbols).T
-            return _safe_log(mass).reshape(n, beam, num_symbols) + top
-
-        if previous is None:
-            return log_masses(alive), alive
-        alive = alive & (spellings[:, i - 1] == previous[..., None]) & (
-            previous[..., None] != num_symbols - 1)
-        nothing = jnp.full((n, beam, num_symbols), -jnp.inf)
-        return jax.lax.cond(jnp.any(alive), log_masses, lambda _: nothing, alive), alive
+    def word_log_probs(self, scores: jax.Array, rows: jax.Array) -> jax.Array:
+        """`log p_words` of the shortlist token each row `[N, k]` spells (-inf for rows that
+        spell none), from the normalised scores `[N, R + 1]`."""
+        same = jnp.all(rows[:, None, :] == self.spellings[...][None], axis=-1)  # [N, R]
+        return jax.nn.logsumexp(jnp.where(same, scores[:, :-1], -jnp.inf), axis=-1)
