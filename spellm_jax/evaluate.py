@@ -41,6 +41,9 @@ _ROWS = (  # (key, label, format)
     *((f"chain_ceiling/{mode}_beam{beam}",
        f"chain ceiling (exact conditionals), {label}, beam {beam}", "{:.1%}")
       for beam in CHAIN_BEAMS for mode, label in (("free", "free"), ("vocab", "trie-constrained"))),
+    ("word_row_share", "teacher's argmax among the word rows (the shortlist)", "{:.1%}"),
+    ("free_agreement_word_rows", "agreement, free, where it is", "{:.1%}"),
+    ("free_agreement_spelled", "agreement, free, where the chain must spell it", "{:.1%}"),
     ("exact_token_accuracy", "exact-token accuracy (every symbol to the end of the token)", "{:.1%}"),
     ("representable_share", "teacher tokens the table spells as one token (free ceiling)",
      "{:.1%}"),

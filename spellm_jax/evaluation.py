@@ -203,10 +203,24 @@ def confident_misses(top_prob: np.ndarray, teacher: np.ndarray, free_rows: np.nd
                           text(spelling.unspell(free_rows[i])[0])] for i in missed[:examples]]}
 
 
+def word_row_split(teacher: np.ndarray, free: np.ndarray, word_tokens: Sequence[int]
+                   ) -> dict[str, float]:
+    """For a decoder with word rows (a chain decoder's shortlist): how often the teacher's
+    argmax is one of their tokens, and free agreement where it is and where it must be spelled."""
+    if not len(word_tokens):
+        return {}
+    inside, hit = np.isin(teacher, np.asarray(word_tokens)), free == teacher
+    return {"word_row_share": float(inside.mean()),
+            "free_agreement_word_rows": float(hit[inside].mean()) if inside.any() else None,
+            "free_agreement_spelled": float(hit[~inside].mean()) if (~inside).any() else None}
+
+
 def agreement_metrics(outputs: dict[str, np.ndarray], mask: np.ndarray, ids: np.ndarray,
-                      respeller: Respeller, respell: str = "device") -> dict[str, Any]:
+                      respeller: Respeller, respell: str = "device",
+                      word_tokens: Sequence[int] = ()) -> dict[str, Any]:
     """Everything measured at the masked positions of teacher-forced rows `ids` `[N, T]` (a
-    position predicts the next token; targets are the teacher's argmax there)."""
+    position predicts the next token; targets are the teacher's argmax there); `word_tokens`:
+    the decoder's word rows, if it has any."""
     mask, spelling = mask.astype(bool), respeller.spelling
     teacher = outputs["teacher"][mask]
     forced = outputs["forced_rows"][mask]  # each symbol given the target's symbols before it
@@ -242,8 +256,9 @@ def agreement_metrics(outputs: dict[str, np.ndarray], mask: np.ndarray, ids: np.
                                              outputs["free_rows"][mask], outputs["free"][mask],
                                              spelling),
     }
-    return metrics | emitted_strings(outputs["free_rows"][mask], outputs["free"][mask], respeller,
-                                     respell)
+    return (metrics | word_row_split(teacher, outputs["free"][mask], word_tokens)
+            | emitted_strings(outputs["free_rows"][mask], outputs["free"][mask], respeller,
+                              respell))
 
 
 def ceiling_against_k(teacher, tokenizer, vocab_size: int, rows: np.ndarray, mask: np.ndarray,
@@ -356,7 +371,8 @@ def evaluate(spellm, teacher, respeller: Respeller, settings: EvalSettings) -> d
     documents = read_documents(settings.corpora, "heldout")
     rows, mask = _real_text_rows(documents, tokenizer, settings)
     outputs = position_outputs(spellm, teacher, rows, "real text", beam=settings.beam)
-    real_text = agreement_metrics(outputs, mask, rows, respeller, settings.respell)
+    word_tokens = spellm.heads_config.shortlist_tokens
+    real_text = agreement_metrics(outputs, mask, rows, respeller, settings.respell, word_tokens)
 
     prompts = evaluation_prompts(settings.corpora, tokenizer, settings.prompts,
                                  settings.prompt_tokens, settings.seed)
@@ -365,7 +381,8 @@ def evaluate(spellm, teacher, respeller: Respeller, settings: EvalSettings) -> d
                                        settings.respell)
     rows, mask = continuation_rows(prompts, generations["teacher"], pad_id)
     outputs = position_outputs(spellm, teacher, rows, "continuations", beam=settings.beam)
-    continuations = agreement_metrics(outputs, mask, rows, respeller, settings.respell)
+    continuations = agreement_metrics(outputs, mask, rows, respeller, settings.respell,
+                                      word_tokens)
     for mode in ("free", "vocab"):
         prefixes = [matching_prefix(reference, other) for reference, other
                     in zip(generations["teacher"], generations[mode], strict=True)]

@@ -76,7 +76,8 @@ def parity_with_torch(model, respeller, torch_spellm, prompts: list[list[int]], 
                       beams: tuple[int, ...] = (1,)) -> dict[str, Any]:
     """How closely the exported PyTorch SpeLLM follows the JAX one on `prompts`: the largest
     differences of the LM logits and of the (unmasked, greedy-row) character logits over every
-    position, whether both mask the same symbols, and per decoding mode (and beam, as
+    position (over the heads that carry a decision: `loss_weights`, so not the chain's steps
+    past the row's end), whether both mask the same symbols, and per decoding mode (and beam, as
     `mode_beamB` for B > 1; free decoding respelled by the tokenizer too, as
     `..._respell_tokenizer`) whether `new_tokens` greedy tokens are identical for every prompt,
     and how often that tokenizer path stopped for the host (`respelled_on_host`)."""
@@ -97,6 +98,9 @@ def parity_with_torch(model, respeller, torch_spellm, prompts: list[list[int]], 
         jax_chars = np.asarray(model.char_heads.logits(hidden))
         unmasked = jax_chars > -1e8  # symbols no token has at a position carry a -1e9 mask
         same_masks &= bool(np.array_equal(unmasked, torch_chars > -1e8))
+        rows = model.char_heads.choose(hidden, model.spelling)
+        deciding = np.asarray(model.char_heads.loss_weights(rows, model.spelling)) > 0
+        unmasked &= deciding[..., None]
         lm_diff = max(lm_diff, float(np.abs(torch_lm - np.asarray(model.lm_logits(hidden))).max()))
         chars_diff = max(chars_diff, float(np.abs(torch_chars - jax_chars)[unmasked].max()))
     eos = list(model.config.eos_token_ids)

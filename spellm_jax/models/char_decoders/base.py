@@ -145,16 +145,19 @@ class SymbolMask(nnx.Variable):
     """Additive `[k, C]` logit mask (0 or MASKED_LOGIT), fixed by the spelling table; not trained."""
 
 
-def symbol_presence(spelling: SpellingTable) -> np.ndarray:
-    """bool `[k, C]`: some valid token has symbol c at position i (so PAD never comes first)."""
+def symbol_presence(spelling: SpellingTable, spelled: np.ndarray | None = None) -> np.ndarray:
+    """bool `[k, C]`: some valid token (of those `spelled`, bool `[V]`, if given) has symbol c at
+    position i (so PAD never comes first)."""
     c = spelling.num_symbols
-    binned = np.where(spelling.valid[:, None], spelling.table, c)  # invalid rows: ignored bin c
+    spelled = spelling.valid if spelled is None else spelled
+    binned = np.where(spelled[:, None], spelling.table, c)  # other rows: ignored bin c
     return np.stack([np.bincount(binned[:, i], minlength=c + 1)[:c] for i in range(spelling.k)]) > 0
 
 
-def symbol_mask_of(spelling: SpellingTable) -> jax.Array:
-    """The `SymbolMask` values of `spelling`."""
-    return jnp.asarray(np.where(symbol_presence(spelling), 0.0, MASKED_LOGIT), jnp.float32)
+def symbol_mask_of(spelling: SpellingTable, spelled: np.ndarray | None = None) -> jax.Array:
+    """The `SymbolMask` values of `spelling`, over the tokens `spelled` if given."""
+    return jnp.asarray(np.where(symbol_presence(spelling, spelled), 0.0, MASKED_LOGIT),
+                       jnp.float32)
 
 
 def fixed_tensors(decoder: nnx.Module) -> dict[str, Any]:

@@ -139,14 +139,17 @@ class ChainHeads(IndependentHeads):
 
     def attach_spelling(self, spelling: SpellingTable, unembedding: np.ndarray | None = None,
                         token_prior: np.ndarray | None = None) -> None:
-        """The independent heads' masks and initialisation, and the shortlist's spellings and
-        (given the LM head) rows. With a shortlist the heads start from the tokens outside it,
-        the ones the chain spells."""
+        """The independent heads' masks and initialisation (over the tokens the chain spells),
+        and the shortlist's spellings and (given the LM head) rows."""
         if self.shortlist is not None:
             self.shortlist.attach_spelling(spelling, unembedding, token_prior)
-            outside = self.shortlist.outside(spelling.vocab_size)
-            token_prior = np.where(outside, 1.0 if token_prior is None else token_prior, 0.0)
         super().attach_spelling(spelling, unembedding, token_prior)
+
+    def spelled_tokens(self, spelling: SpellingTable) -> np.ndarray:
+        """bool `[V]`: the valid tokens outside the shortlist (all valid ones without one)."""
+        if self.shortlist is None:
+            return spelling.valid
+        return self.shortlist.outside(spelling.vocab_size, spelling.valid)
 
     def _stepper(self, hidden: jax.Array, beam: int):
         """`(step, initial state)` for `search`: hidden `[N, d]`, hypotheses `[N, beam]`."""

@@ -39,15 +39,17 @@ class ResidualMLP(nnx.Module):
 
 
 def lm_head_mean_init(spelling: SpellingTable, unembedding: np.ndarray,
-                      token_prior: np.ndarray | None) -> tuple[jax.Array, np.ndarray]:
+                      token_prior: np.ndarray | None, spelled: np.ndarray | None = None
+                      ) -> tuple[jax.Array, np.ndarray]:
     """Head i from the unembedding `[V, d]`: with token weights w (the `token_prior`, else
-    uniform) and S the valid tokens whose i-th symbol is c, `W_i[:, c]` = the w-weighted mean of
-    `u_v` over S and `b_i[c] = log Σ_S w_v`, a first-order estimate of the log marginal
-    `log Σ_S exp(h·u_v)`. Returns the kernel `[k, d, C]` and the bias `[k, C]` (0 where no
-    valid token has c at i)."""
+    uniform) and S the valid (and `spelled`, bool `[V]`, if given) tokens whose i-th symbol is
+    c, `W_i[:, c]` = the w-weighted mean of `u_v` over S and `b_i[c] = log Σ_S w_v`, a
+    first-order estimate of the log marginal `log Σ_S exp(h·u_v)`. Returns the kernel
+    `[k, d, C]` and the bias `[k, C]` (0 where no such token has c at i)."""
     k, c, table = spelling.k, spelling.num_symbols, spelling.table
-    weights = np.where(spelling.valid, 1.0 if token_prior is None else token_prior, 0.0)
-    binned = np.where(spelling.valid[:, None], table, c)  # invalid rows fall into an ignored bin c
+    spelled = spelling.valid if spelled is None else spelled
+    weights = np.where(spelled, 1.0 if token_prior is None else token_prior, 0.0)
+    binned = np.where(spelled[:, None], table, c)  # other rows fall into an ignored bin c
     mass = np.stack([np.bincount(binned[:, i], weights=weights, minlength=c + 1)[:c]
                      for i in range(k)])  # [k, C]
     weighted = jnp.asarray(unembedding, jnp.float32) * jnp.asarray(weights, jnp.float32)[:, None]
@@ -55,7 +57,7 @@ def lm_head_mean_init(spelling: SpellingTable, unembedding: np.ndarray,
                       for i in range(k)])  # [k, C, d]
     means = sums / jnp.maximum(jnp.asarray(mass, jnp.float32), 1e-30)[..., None]
     log_mass = np.log(np.maximum(mass, 1e-30))
-    bias = np.where(symbol_presence(spelling), log_mass, 0.0).astype(np.float32)
+    bias = np.where(symbol_presence(spelling, spelled), log_mass, 0.0).astype(np.float32)
     return jnp.swapaxes(means, 1, 2), bias
 
 
@@ -146,6 +148,10 @@ class IndependentHeads(nnx.Module):
         """The heads spell every token."""
         return teacher_logits
 
+    def spelled_tokens(self, spelling: SpellingTable) -> np.ndarray:
+        """bool `[V]`: the tokens the heads spell (every valid one)."""
+        return spelling.valid
+
     def word_losses(self, hidden: jax.Array, teacher_logits: jax.Array) -> None:
         """No token has its own row."""
         del hidden, teacher_logits
@@ -157,12 +163,14 @@ class IndependentHeads(nnx.Module):
 
     def attach_spelling(self, spelling: SpellingTable, unembedding: np.ndarray | None = None,
                         token_prior: np.ndarray | None = None) -> None:
-        """Masks symbols that no valid token has at a position (so PAD never comes first) and,
-        given the unembedding and `init="lm_head_mean"`, sets the heads by `lm_head_mean_init`."""
-        self.symbol_mask[...] = symbol_mask_of(spelling)
+        """Masks symbols that no token the heads spell has at a position (so PAD never comes
+        first) and, given the unembedding and `init="lm_head_mean"`, sets the heads by
+        `lm_head_mean_init`."""
+        spelled = self.spelled_tokens(spelling)
+        self.symbol_mask[...] = symbol_mask_of(spelling, spelled)
         if unembedding is None or self.config.init != "lm_head_mean":
             return
-        kernel, bias = lm_head_mean_init(spelling, unembedding, token_prior)
+        kernel, bias = lm_head_mean_init(spelling, unembedding, token_prior, spelled)
         self.kernel[...] = kernel.astype(self.kernel[...].dtype)
         if self.bias is not None:
             self.bias[...] = jnp.asarray(bias, self.bias[...].dtype)
