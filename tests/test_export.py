@@ -64,7 +64,7 @@ def test_pytorch_module_matches_jax_logits_and_greedy_decoding(exported):
     assert parity["same_masks"] and all(parity["identical"].values()), parity
     assert "free_respell_tokenizer" in parity["identical"]
     # The host path is exercised, so not vacuously equal (the 4-step LoRA model emits only
-    # tokens here, and so does the shortlist's run, whose free choices are its word rows').
+    # tokens here, and so does the shortlist's run, whose free choices are its word rows).
     if model.heads_config.adapter == "none" and not model.heads_config.shortlist_tokens:
         assert parity["respelled_on_host"] > 0
 

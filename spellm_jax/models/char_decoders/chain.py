@@ -243,7 +243,8 @@ class ChainHeads(IndependentHeads):
         chain = forced_log_probs(step, state, flat_rows, spelling.pad_symbol, trie=spelling)
         if self.shortlist is not None:
             log_probs = jax.nn.log_softmax(self.shortlist.scores(flat), axis=-1)
-            chain = jnp.logaddexp(self.shortlist.word_log_probs(log_probs, flat_rows),
+            words = self.shortlist.word_log_probs(log_probs, spelling.lookup(flat_rows))
+            chain = jnp.logaddexp(words,
                                   log_probs[:, -1] + chain)
         return chain.reshape(hidden.shape[:-1])
 

@@ -104,7 +104,7 @@ class Shortlist(nnx.Module):
         size = len(self.tokens)
         vocab_slots = np.full(max(max(self.tokens, default=0) + 1, 1), size, np.int32)
         vocab_slots[np.asarray(self.tokens, np.int64)] = np.arange(size)
-        inside = tokens < len(vocab_slots)
+        inside = (tokens >= 0) & (tokens < len(vocab_slots))  # -1: a row that spells no token
         return jnp.where(inside, jnp.asarray(vocab_slots)[jnp.where(inside, tokens, 0)], size)
 
     def target_log_probs(self, teacher_log_probs: jax.Array) -> jax.Array:
@@ -115,8 +115,9 @@ class Shortlist(nnx.Module):
         rest_mass = jax.nn.logsumexp(jnp.where(rest, teacher_log_probs, -jnp.inf), axis=-1)
         return jnp.concatenate([teacher_log_probs[..., tokens], rest_mass[..., None]], -1)
 
-    def word_log_probs(self, scores: jax.Array, rows: jax.Array) -> jax.Array:
-        """`log p_words` of the shortlist token each row `[N, k]` spells (-inf for rows that
-        spell none), from the normalised scores `[N, R + 1]`."""
-        same = jnp.all(rows[:, None, :] == self.spellings[...][None], axis=-1)  # [N, R]
-        return jax.nn.logsumexp(jnp.where(same, scores[:, :-1], -jnp.inf), axis=-1)
+    def word_log_probs(self, log_probs: jax.Array, tokens: jax.Array) -> jax.Array:
+        """`log p_words` `[N]` of each token `[N]` from the normalised scores `[N, R + 1]`: -inf
+        for tokens outside the shortlist (and -1, no token)."""
+        slot = self.slot_of(tokens)
+        picked = jnp.take_along_axis(log_probs, slot[:, None], axis=-1)[:, 0]
+        return jnp.where(slot < len(self.tokens), picked, -jnp.inf)
