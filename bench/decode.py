@@ -197,7 +197,7 @@ def time_heads(models: list, batch: int, beams: list[int], iterations: int = 200
         if respell == "tokenizer":  # the output layer alone never respells
             continue
         functions[name] = jax.jit(lambda h, m=model, c=mode == "vocab", b=beam: m.spelling.lookup(
-            m.char_heads.choose(h, m.spelling, constrained=c, beam=b)))
+            m.choose(h, constrained=c, beam=b)))
     timings: dict[str, list[float]] = {name: [] for name in functions}
     for fn in functions.values():
         fn(hidden).block_until_ready()

@@ -83,8 +83,7 @@ class FreeRule(_SpelledRule):
         return self.respell == "device"
 
     def __call__(self, model, hidden, key):
-        rows = model.char_heads.choose(hidden, model.spelling, key, self.sampling,
-                                       beam=self.beam)  # [B, k]
+        rows = model.choose(hidden, key, self.sampling, beam=self.beam)  # [B, k]
         return model.spelling.lookup(rows), rows
 
     def host_ids(self, row: np.ndarray) -> list[int]:
@@ -103,8 +102,7 @@ class VocabRule(_SpelledRule):
     beam: int = 1
 
     def __call__(self, model, hidden, key):
-        rows = model.char_heads.choose(hidden, model.spelling, key, self.sampling,
-                                       constrained=True, beam=self.beam)
+        rows = model.choose(hidden, key, self.sampling, constrained=True, beam=self.beam)
         return model.spelling.lookup(rows), rows
 
 

@@ -98,7 +98,7 @@ def parity_with_torch(model, respeller, torch_spellm, prompts: list[list[int]], 
         jax_chars = np.asarray(model.char_heads.logits(hidden))
         unmasked = jax_chars > -1e8  # symbols no token has at a position carry a -1e9 mask
         same_masks &= bool(np.array_equal(unmasked, torch_chars > -1e8))
-        rows = model.char_heads.choose(hidden, model.spelling)
+        rows = model.choose(hidden)
         deciding = np.asarray(model.char_heads.loss_weights(rows, model.spelling)) > 0
         unmasked &= deciding[..., None]
         lm_diff = max(lm_diff, float(np.abs(torch_lm - np.asarray(model.lm_logits(hidden))).max()))

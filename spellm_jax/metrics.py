@@ -29,9 +29,9 @@ def spelled_choices(model: SpeLLM, hidden: jax.Array, beam: int = 1) -> dict[str
     """The SpeLLM's greedy next-token choices from the hidden states `[T, d]` of one row (the
     best of `beam` strings where the decoder searches): the free rows and their tokens, and the
     vocabulary-constrained token."""
-    decoder, spelling = model.char_heads, model.spelling
-    rows = decoder.choose(hidden, spelling, beam=beam)
-    constrained = decoder.choose(hidden, spelling, constrained=True, beam=beam)
+    spelling = model.spelling
+    rows = model.choose(hidden, beam=beam)
+    constrained = model.choose(hidden, constrained=True, beam=beam)
     return {"free_rows": rows, "free": spelling.lookup(rows), "vocab": spelling.lookup(constrained)}
 
 

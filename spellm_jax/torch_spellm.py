@@ -37,10 +37,11 @@ class TorchCharDecoder(Protocol):
         """Teacher-forced symbol logits `[..., k, C]` (fp32)."""
         ...
 
-    def choose(self, hidden: torch.Tensor, constrained: bool = False, beam: int = 1
-               ) -> torch.Tensor:
+    def choose(self, hidden: torch.Tensor, constrained: bool = False, beam: int = 1,
+               unembedding: torch.Tensor | None = None) -> torch.Tensor:
         """The greedy rows `[..., k]` (the best of `beam` where the kind searches); with
-        `constrained`, the row of a vocabulary token."""
+        `constrained`, the row of a vocabulary token; word rows check the tokens the decoder
+        spells against the LM head's rows `unembedding` `[V, d]` when given."""
         ...
 
     def token_log_probs(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -112,8 +113,9 @@ class TorchIndependentHeads(nn.Module):
             logits = logits + bias
         return logits + self._get(spellm_files.SYMBOL_MASK)
 
-    def choose(self, hidden: torch.Tensor, constrained: bool = False, beam: int = 1
-               ) -> torch.Tensor:
+    def choose(self, hidden: torch.Tensor, constrained: bool = False, beam: int = 1,
+               unembedding: torch.Tensor | None = None) -> torch.Tensor:
+        del beam, unembedding  # one string, no word rows
         if constrained:
             scores = token_scores(torch.log_softmax(self.logits(hidden), dim=-1), self.table,
                                   self.valid)
@@ -170,9 +172,10 @@ def _expand(state: State, beam: int) -> State:
 
 
 def torch_search(step: Callable, state: State, k: int, pad: int, beam: int,
-                 trie: TorchPrefixTrie | None) -> torch.Tensor:
+                 trie: TorchPrefixTrie | None, every_row: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`search.search_rows` for one hidden state, greedy or beam: the best row `[k]` and its
-    log-probability."""
+    log-probability (`every_row`: every hypothesis's, `[beam, k]` and `[beam]`)."""
     score = torch.full((beam,), -torch.inf)
     score[0] = 0.0
     rows = torch.full((beam, k), pad, dtype=torch.long)
@@ -205,6 +208,8 @@ def torch_search(step: Callable, state: State, k: int, pad: int, beam: int,
             lo, hi = trie.narrow(i, lo, hi, symbol)
         done = done | (symbol == pad)
         previous = symbol
+    if every_row:
+        return rows, score
     best = int(score.argmax())
     return rows[best], score[best]
 
@@ -220,6 +225,7 @@ class TorchChainHeads(TorchIndependentHeads):
         self.pad = spelling.pad_symbol
         shortlist = torch.as_tensor(heads.get("shortlist_tokens", ()), dtype=torch.long)
         self.register_buffer("shortlist_spellings", table[shortlist])  # [R, k]
+        self.token_for_row = spelling.token_for_row
 
     def _step(self, hidden: torch.Tensor):
         """`(step, one hypothesis's state)` for one hidden state `[d]`."""
@@ -261,9 +267,10 @@ class TorchChainHeads(TorchIndependentHeads):
             out.append(torch.stack(per_symbol))
         return torch.stack(out).reshape(*hidden.shape[:-1], *out[0].shape)
 
-    def choose(self, hidden: torch.Tensor, constrained: bool = False, beam: int = 1
-               ) -> torch.Tensor:
+    def choose(self, hidden: torch.Tensor, constrained: bool = False, beam: int = 1,
+               unembedding: torch.Tensor | None = None) -> torch.Tensor:
         flat = hidden.reshape(-1, hidden.shape[-1])
+        trie = self.trie if constrained else None
         rows = []
         for h in flat:
             scores = self._word_scores(h)
@@ -272,12 +279,29 @@ class TorchChainHeads(TorchIndependentHeads):
                 rows.append(self.shortlist_spellings[word])
                 continue
             step, state = self._step(h)
-            row, log_prob = torch_search(step, _expand(state, beam), self.table.shape[1],
-                                         self.pad, beam, self.trie if constrained else None)
-            if word is not None and scores[-1] + log_prob <= scores[word]:
+            if word is not None and unembedding is not None:
+                row, score = self._checked(h, torch_search(
+                    step, _expand(state, beam), self.table.shape[1], self.pad, beam, trie,
+                    every_row=True), unembedding)
+            else:
+                row, score = torch_search(step, _expand(state, beam), self.table.shape[1],
+                                          self.pad, beam, trie)
+                score = None if word is None else scores[-1] + score
+            if word is not None and score <= scores[word]:
                 row = self.shortlist_spellings[word]
             rows.append(row)
         return torch.stack(rows).reshape(*hidden.shape[:-1], -1)
+
+    def _checked(self, hidden: torch.Tensor, search: tuple[torch.Tensor, torch.Tensor],
+                 unembedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`ChainHeads._checked` for one hidden state: of the search's rows `[B, k]`, the one
+        whose token has the highest LM-head logit, and that logit (-inf if none is a token)."""
+        rows, _ = search
+        tokens = [self.token_for_row(row.tolist()) for row in rows]
+        logits = torch.stack([hidden.float() @ unembedding[t].float() if t is not None
+                              else torch.tensor(-torch.inf) for t in tokens])
+        best = int(logits.argmax())
+        return rows[best], logits[best]
 
     def token_log_probs(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """The string probability of each row, each symbol renormalised over the symbols the
@@ -343,6 +367,12 @@ class TorchSpeLLM(nn.Module):
         hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return self.decoder.logits(hidden, rows)
 
+    def choose(self, hidden: torch.Tensor, constrained: bool = False, beam: int = 1
+               ) -> torch.Tensor:
+        """`SpeLLM.choose`: the decoder's rows for hidden states `[..., d]`, the tokens it
+        spells checked against the LM head's rows where it has word rows."""
+        return self.decoder.choose(hidden, constrained, beam, unembedding=self.lm.lm_head.weight)
+
     def next_ids(self, hidden: torch.Tensor, mode: Mode, beam: int = 1, respell: str = "device"
                  ) -> list[int]:
         """The input ids that follow the final hidden state `[d]` of one row (greedy); a free
@@ -350,11 +380,10 @@ class TorchSpeLLM(nn.Module):
         if mode == "lm_head":
             return [int(self.lm.lm_head(hidden).argmax())]
         if mode == "vocab":
-            row = self.decoder.choose(hidden, constrained=True, beam=beam)
+            row = self.choose(hidden, constrained=True, beam=beam)
             return [self.spelling.token_for_row(row.tolist())]
         if mode == "free":
-            return self.respeller.ids_for_row(self.decoder.choose(hidden, beam=beam).tolist(),
-                                              respell)
+            return self.respeller.ids_for_row(self.choose(hidden, beam=beam).tolist(), respell)
         raise ValueError(f"mode={mode!r}; choose 'free', 'vocab' or 'lm_head'.")
 
     @torch.no_grad()

@@ -128,8 +128,8 @@ def _last_position(model, ids, length, target, spellm):
         return log_probs[target], {"lm_head": jnp.argmax(log_probs)}
     decoder, spelling = model.char_heads, model.spelling
     log_prob = decoder.token_log_probs(last, spelling.rows_of(target), spelling)
-    return log_prob, {"vocab": spelling.lookup(decoder.choose(last, spelling, constrained=True)),
-                      "free": spelling.lookup(decoder.choose(last, spelling))}
+    return log_prob, {"vocab": spelling.lookup(model.choose(last, constrained=True)),
+                      "free": spelling.lookup(model.choose(last))}
 
 
 def _step_by_step(model, pair, spellm):

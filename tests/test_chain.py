@@ -14,7 +14,7 @@ from spellm_jax.distill import make_optimizer
 from spellm_jax.models.char_decoders import HeadsConfig
 from spellm_jax.models.char_decoders.chain import ChainHeads, chain_targets
 from spellm_jax.models.char_decoders.independent import IndependentHeads
-from spellm_jax.models.char_decoders.search import forced_log_probs
+from spellm_jax.models.char_decoders.search import forced_log_probs, search_rows
 from spellm_jax.models.char_decoders.shortlist import most_frequent_tokens
 from spellm_jax.models.llama import RuntimeOptions
 from spellm_jax.sampling import Sampling
@@ -233,6 +233,40 @@ def test_a_shortlist_of_every_token_is_the_teacher():
     np.testing.assert_allclose(got.reshape(6, V), teacher, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(heads.choose(hidden, spelling)),
                                   table[teacher.argmax(-1)])
+
+
+def test_word_rows_check_the_chains_tokens_against_the_lm_head():
+    """Given the LM head's rows, greedy decoding with word rows takes the best-scored of the
+    shortlist's tokens and the tokens the chain's strings spell: with a beam over every string,
+    the LM head's own argmax, also where it is outside the shortlist; with a beam of 4, the best
+    word unless one of the 4 strings' tokens outscores it."""
+    table = toy_rows(20)
+    rng = np.random.default_rng(21)
+    config = HeadsConfig(K, C, kind="chain", init="normal", recurrent_width=8,
+                         shortlist_tokens=tuple(int(t) for t in rng.permutation(V)[:V // 2]))
+    heads = ChainHeads(D, config, RuntimeOptions(), nnx.Rngs(0))
+    unembedding = rng.normal(0, 1.0, (V, D)).astype(np.float32)
+    heads.attach_spelling(toy_table(table), unembedding)
+    spelling = toy_spelling(table)
+    hidden = jnp.asarray(rng.normal(0, 1.0, (12, D)), jnp.float32)
+    logits = np.asarray(hidden) @ unembedding.T
+    argmax = logits.argmax(-1)
+    assert not np.isin(argmax, config.shortlist_tokens).all()  # some must come from the chain
+    exhaustive = heads.choose(hidden, spelling, constrained=True, beam=V,
+                              unembedding=jnp.asarray(unembedding))
+    np.testing.assert_array_equal(np.asarray(exhaustive), table[argmax])
+    words = np.asarray(config.shortlist_tokens)
+    best_word = words[logits[:, words].argmax(-1)]
+    step, state = heads._stepper(hidden, 4)
+    rows, _ = search_rows(step, state, K, C - 1, trie=spelling, beam=4, every_row=True)
+    candidates = np.asarray(spelling.lookup(rows))  # [12, 4]
+    best_candidate = candidates[np.arange(12), logits[np.arange(12)[:, None], candidates].argmax(-1)]
+    chain_wins = logits[np.arange(12), best_candidate] > logits[np.arange(12), best_word]
+    assert chain_wins.any() and not chain_wins.all()
+    checked = heads.choose(hidden, spelling, constrained=True, beam=4,
+                           unembedding=jnp.asarray(unembedding))
+    np.testing.assert_array_equal(np.asarray(spelling.lookup(checked)),
+                                  np.where(chain_wins, best_candidate, best_word))
 
 
 def test_the_rest_row_starts_at_the_teachers_average_share():

@@ -176,8 +176,8 @@ def spellm_scores(model, hidden: jax.Array, targets: jax.Array, beam: int = 1
     decoder, spelling = model.char_heads, model.spelling
     target_rows = spelling.rows_of(targets)
     log_probs = decoder.token_log_probs(hidden, target_rows, spelling)
-    vocab = decoder.choose(hidden, spelling, constrained=True, beam=beam)
-    free = decoder.choose(hidden, spelling, beam=beam)
+    vocab = model.choose(hidden, constrained=True, beam=beam)
+    free = model.choose(hidden, beam=beam)
     return log_probs, {"vocab": jnp.all(vocab == target_rows, axis=-1),
                        "free": spells_target(free, spelling, targets)}
 

@@ -63,9 +63,9 @@ class TorchBackend:
         out = {name: np.zeros(targets.shape, dtype) for name, dtype in
                (("log_probs", np.float32), ("hits/vocab", bool), ("hits/free", bool))}
         out["log_probs"][mask.numpy()] = decoder.token_log_probs(hidden[mask], rows).numpy()
-        vocab = decoder.choose(hidden[mask], constrained=True, beam=self.beam)
+        vocab = self.model.choose(hidden[mask], constrained=True, beam=self.beam)
         out["hits/vocab"][mask.numpy()] = (vocab == rows).all(-1).numpy()
-        free = decoder.choose(hidden[mask], beam=self.beam)
+        free = self.model.choose(hidden[mask], beam=self.beam)
         out["hits/free"][mask.numpy()] = spells_target(free, self.table, self.lengths,
                                                        wanted).numpy()
         return out

@@ -10,6 +10,7 @@ from flax import nnx
 from spellm_jax.models.char_decoders import HeadsConfig, build_decoder
 from spellm_jax.models.config import ModelConfig
 from spellm_jax.models.llama import LlamaForCausalLM, RuntimeOptions
+from spellm_jax.sampling import GREEDY, Sampling
 from spellm_jax.spelling import DeviceSpelling, SpellingTable
 
 
@@ -44,6 +45,15 @@ class SpeLLM(LlamaForCausalLM):
         self.spelling = DeviceSpelling.of(spelling)
         unembedding = np.asarray(self.unembedding()) if init_heads else None
         self.char_heads.attach_spelling(spelling, unembedding, token_prior)
+
+    def choose(self, hidden: jax.Array, key: jax.Array | None = None,
+               sampling: Sampling = GREEDY, constrained: bool = False, beam: int = 1
+               ) -> jax.Array:
+        """The rows `[..., k]` decoding emits from hidden states `[..., d]`
+        (`CharDecoder.choose`); a decoder with word rows checks the tokens it spells against
+        the LM head's rows."""
+        return self.char_heads.choose(hidden, self.spelling, key, sampling, constrained, beam,
+                                      unembedding=self.unembedding())
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  rows: jax.Array | None = None) -> jax.Array:

@@ -72,11 +72,12 @@ class CharDecoder(Protocol):
         ...
 
     def choose(self, hidden: jax.Array, spelling: DeviceSpelling, key: jax.Array | None = None,
-               sampling: Sampling = GREEDY, constrained: bool = False, beam: int = 1
-               ) -> jax.Array:
+               sampling: Sampling = GREEDY, constrained: bool = False, beam: int = 1,
+               unembedding: jax.Array | None = None) -> jax.Array:
         """The rows `[..., k]` (int32) decoding emits: greedy (the best of `beam` hypotheses
         where the kind searches) or sampled per `sampling`; with `constrained`, always the row
-        of a vocabulary token."""
+        of a vocabulary token. Kinds with word rows check the tokens they spell against the LM
+        head's rows `unembedding` `[V, d]` when given (`SpeLLM.choose` gives them)."""
         ...
 
     def token_log_probs(self, hidden: jax.Array, rows: jax.Array, spelling: DeviceSpelling

@@ -193,18 +193,22 @@ class ChainHeads(IndependentHeads):
 
     def choose(self, hidden: jax.Array, spelling: DeviceSpelling | None,
                key: jax.Array | None = None, sampling: Sampling = GREEDY,
-               constrained: bool = False, beam: int = 1) -> jax.Array:
+               constrained: bool = False, beam: int = 1,
+               unembedding: jax.Array | None = None) -> jax.Array:
         """Symbol by symbol: greedy, ancestral sampling or a beam of `beam` strings, within the
         vocabulary's prefix trie if `constrained`. With a shortlist, the best word against the
         rest row times the chain's best string (or a sample of the R + 1 rows, then of the
-        chain's strings if it is the rest row); the chain runs only when the rest row can win."""
+        chain's strings if it is the rest row); the chain runs only when the rest row can win.
+        Given the LM head's rows `unembedding` `[V, d]`, greedy decoding checks the chain's
+        strings against them (`_checked`): the best word stays unless one of the tokens spelled
+        by the chain's `beam` strings has a higher logit `u_v·h`."""
         flat = hidden.reshape(-1, hidden.shape[-1])
 
-        def spell(chain_key: jax.Array | None, with_score: bool = False):
+        def spell(chain_key: jax.Array | None, **outputs):
             step, state = self._stepper(flat, beam)  # inside: skipped with the branch
             return search_rows(step, state, self.config.k, self.config.num_symbols - 1,
                                trie=spelling if constrained else None, beam=beam,
-                               sampling=sampling, key=chain_key, with_score=with_score)
+                               sampling=sampling, key=chain_key, **outputs)
 
         if self.shortlist is None:
             return spell(key).reshape(*hidden.shape[:-1], self.config.k)
@@ -215,9 +219,13 @@ class ChainHeads(IndependentHeads):
             word_score = jnp.max(scores[:, :-1], axis=-1)
 
             def spelled(_):
-                rows, chain_log_prob = spell(None, with_score=True)
-                rest_wins = scores[:, -1] + chain_log_prob > word_score
-                return jnp.where(rest_wins[:, None], rows, spellings[word])
+                if unembedding is not None:
+                    rows, candidate_score = self._checked(flat, spell(None, every_row=True),
+                                                          unembedding, spelling)
+                else:
+                    rows, candidate_score = spell(None, with_score=True)
+                    candidate_score = scores[:, -1] + candidate_score
+                return jnp.where((candidate_score > word_score)[:, None], rows, spellings[word])
 
             can_win = jnp.any(scores[:, -1] > word_score)  # a string's probability is <= 1
         else:
@@ -232,6 +240,22 @@ class ChainHeads(IndependentHeads):
             can_win = jnp.any(slot == len(spellings))
         rows = jax.lax.cond(can_win, spelled, lambda _: spellings[word], None)
         return rows.reshape(*hidden.shape[:-1], self.config.k)
+
+    def _checked(self, hidden: jax.Array, search: tuple[jax.Array, jax.Array],
+                 unembedding: jax.Array, spelling: DeviceSpelling
+                 ) -> tuple[jax.Array, jax.Array]:
+        """The chain's candidates checked against the LM head: of the `search`'s rows `[N, B,
+        k]`, the one whose token has the highest logit `u_v·h`, and that logit `[N]` (-inf when
+        no row spells a token). The word rows are the LM head's own, so the two compare."""
+        rows, _ = search
+        tokens = spelling.lookup(rows)  # [N, B]: -1 where a free row spells no token
+        candidates = unembedding[jnp.maximum(tokens, 0)].astype(self.dtype)  # [N, B, d]
+        logits = jnp.einsum("nd,nbd->nb", hidden.astype(self.dtype), candidates,
+                            preferred_element_type=jnp.float32)
+        logits = jnp.where(tokens >= 0, logits, -jnp.inf)
+        best = jnp.argmax(logits, axis=-1)
+        return (jnp.take_along_axis(rows, best[:, None, None], axis=1)[:, 0],
+                jnp.take_along_axis(logits, best[:, None], axis=1)[:, 0])
 
     def token_log_probs(self, hidden: jax.Array, rows: jax.Array, spelling: DeviceSpelling
                         ) -> jax.Array:

@@ -118,11 +118,12 @@ class IndependentHeads(nnx.Module):
         return logits + self.symbol_mask[...]
 
     def choose(self, hidden: jax.Array, spelling: DeviceSpelling, key: jax.Array | None = None,
-               sampling: Sampling = GREEDY, constrained: bool = False, beam: int = 1
-               ) -> jax.Array:
+               sampling: Sampling = GREEDY, constrained: bool = False, beam: int = 1,
+               unembedding: jax.Array | None = None) -> jax.Array:
         """Each head picks its own symbol (that is the best string: no search needed); with
-        `constrained`, the row of the token the heads score highest (`vocab_scores`)."""
-        del beam
+        `constrained`, the row of the token the heads score highest (`vocab_scores`). No word
+        rows, so `unembedding` is not used."""
+        del beam, unembedding
         if constrained:
             return spelling.rows_of(sample(self.vocab_scores(hidden, spelling), key, sampling))
         return sample(self.logits(hidden), key, sampling)

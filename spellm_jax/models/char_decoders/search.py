@@ -43,14 +43,15 @@ def _reorder(tree: Any, parents: jax.Array) -> Any:
 
 def search_rows(step: Step, state: Any, k: int, pad: int, *, trie: DeviceSpelling | None = None,
                 beam: int = 1, sampling: Sampling = GREEDY, key: jax.Array | None = None,
-                unroll: bool = True, with_score: bool = False
+                unroll: bool = True, with_score: bool = False, every_row: bool = False
                 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """The best (or sampled) row `[N, k]` for each of N hidden states. `state` has leading
     dimensions `[N, beam]`. With a `trie` (the spelling's), only symbols that keep the row a
     prefix of some vocabulary token are chosen, so the row spells exactly one token. `unroll`:
     the k symbol steps are unrolled (fastest to run: decoding), else one `lax.scan` step with a
     traced `i` (fastest to compile: evaluation's ceilings). `with_score`: also the row's
-    log-probability `[N]` (each symbol's renormalised over the trie's symbols when constrained)."""
+    log-probability `[N]` (each symbol's renormalised over the trie's symbols when constrained).
+    `every_row`: every hypothesis's row `[N, beam, k]` and log-probability `[N, beam]` instead."""
     if beam > 1 and not sampling.greedy:
         raise ValueError("beam search is greedy; sample with beam=1.")
     constrained = trie is not None
@@ -91,6 +92,8 @@ def search_rows(step: Step, state: Any, k: int, pad: int, *, trie: DeviceSpellin
         (carry, previous), _ = jax.lax.scan(
             lambda c, i: (advance(*c, i), None), (carry, previous), jnp.arange(1, k))
     score, rows = carry[:2]
+    if every_row:
+        return rows, score
     best = jnp.argmax(score, axis=-1)
     row = jnp.take_along_axis(rows, best[:, None, None], axis=1)[:, 0]
     if with_score:
