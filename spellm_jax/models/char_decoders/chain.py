@@ -9,7 +9,8 @@ distribution is the product of the conditionals, so its targets are the teacher'
 conditionals along the target spelling: `q_i(c | prefix)`, the teacher's mass on tokens
 continuing the prefix with c over its mass on the prefix. With a shortlist (`shortlist.py`)
 frequent tokens have their own rows and a rest row takes the mass of all others: the chain then
-spells only those, and its targets are the teacher's conditionals over them.
+spells only those, and its targets are the teacher's conditionals over them. Greedy decoding
+then checks the chain's tokens against the LM head's rows (`ChainHeads._checked`).
 """
 
 from __future__ import annotations
