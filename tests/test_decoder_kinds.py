@@ -38,7 +38,8 @@ class FixedToken(nnx.Module):
         shape = (*hidden.shape[:-1], self.config.k, self.config.num_symbols)
         return jnp.broadcast_to(self.table_logits[...], shape)
 
-    def choose(self, hidden, spelling, key=None, sampling=None, constrained=False, beam=1):
+    def choose(self, hidden, spelling, key=None, sampling=None, constrained=False, beam=1,
+               unembedding=None):  # no word rows: the LM head's rows are not needed
         if constrained:  # the best-scored vocabulary token
             return spelling.rows_of(jnp.argmax(self._vocab_log_probs(hidden, spelling), axis=-1))
         return jnp.argmax(self.logits(hidden), axis=-1).astype(jnp.int32)
@@ -83,7 +84,7 @@ class TorchFixedToken(nn.Module):
     def logits(self, hidden, rows=None):
         return self.table_logits.expand(*hidden.shape[:-1], *self.table_logits.shape)
 
-    def choose(self, hidden, constrained=False, beam=1):
+    def choose(self, hidden, constrained=False, beam=1, unembedding=None):
         if constrained:
             scores = token_scores(torch.log_softmax(self.logits(hidden), dim=-1), self.table,
                                   self.valid)
