@@ -279,24 +279,22 @@ class TorchChainHeads(TorchIndependentHeads):
                 rows.append(self.shortlist_spellings[word])
                 continue
             step, state = self._step(h)
-            if word is not None and unembedding is not None:
-                row, score = self._checked(h, torch_search(
-                    step, _expand(state, beam), self.table.shape[1], self.pad, beam, trie,
-                    every_row=True), unembedding)
+            checked = word is not None and unembedding is not None
+            found, score = torch_search(step, _expand(state, beam), self.table.shape[1],
+                                        self.pad, beam, trie, every_row=checked)
+            if checked:
+                row, score = self._checked(h, found, unembedding)
             else:
-                row, score = torch_search(step, _expand(state, beam), self.table.shape[1],
-                                          self.pad, beam, trie)
-                score = None if word is None else scores[-1] + score
+                row, score = found, None if word is None else scores[-1] + score
             if word is not None and score <= scores[word]:
                 row = self.shortlist_spellings[word]
             rows.append(row)
         return torch.stack(rows).reshape(*hidden.shape[:-1], -1)
 
-    def _checked(self, hidden: torch.Tensor, search: tuple[torch.Tensor, torch.Tensor],
-                 unembedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _checked(self, hidden: torch.Tensor, rows: torch.Tensor, unembedding: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """`ChainHeads._checked` for one hidden state: of the search's rows `[B, k]`, the one
         whose token has the highest LM-head logit, and that logit (-inf if none is a token)."""
-        rows, _ = search
         tokens = [self.token_for_row(row.tolist()) for row in rows]
         logits = torch.stack([hidden.float() @ unembedding[t].float() if t is not None
                               else torch.tensor(-torch.inf) for t in tokens])

@@ -146,17 +146,16 @@ class SymbolMask(nnx.Variable):
     """Additive `[k, C]` logit mask (0 or MASKED_LOGIT), fixed by the spelling table; not trained."""
 
 
-def symbol_presence(spelling: SpellingTable, spelled: np.ndarray | None = None) -> np.ndarray:
-    """bool `[k, C]`: some valid token (of those `spelled`, bool `[V]`, if given) has symbol c at
-    position i (so PAD never comes first)."""
+def symbol_presence(spelling: SpellingTable, spelled: np.ndarray) -> np.ndarray:
+    """bool `[k, C]`: some token of those `spelled` (bool `[V]`) has symbol c at position i (so
+    PAD never comes first)."""
     c = spelling.num_symbols
-    spelled = spelling.valid if spelled is None else spelled
     binned = np.where(spelled[:, None], spelling.table, c)  # other rows: ignored bin c
     return np.stack([np.bincount(binned[:, i], minlength=c + 1)[:c] for i in range(spelling.k)]) > 0
 
 
-def symbol_mask_of(spelling: SpellingTable, spelled: np.ndarray | None = None) -> jax.Array:
-    """The `SymbolMask` values of `spelling`, over the tokens `spelled` if given."""
+def symbol_mask_of(spelling: SpellingTable, spelled: np.ndarray) -> jax.Array:
+    """The `SymbolMask` values of `spelling` over the tokens `spelled` (bool `[V]`)."""
     return jnp.asarray(np.where(symbol_presence(spelling, spelled), 0.0, MASKED_LOGIT),
                        jnp.float32)
 

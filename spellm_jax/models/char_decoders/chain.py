@@ -221,7 +221,7 @@ class ChainHeads(IndependentHeads):
 
             def spelled(_):
                 if unembedding is not None:
-                    rows, candidate_score = self._checked(flat, spell(None, every_row=True),
+                    rows, candidate_score = self._checked(flat, spell(None, every_row=True)[0],
                                                           unembedding, spelling)
                 else:
                     rows, candidate_score = spell(None, with_score=True)
@@ -242,13 +242,11 @@ class ChainHeads(IndependentHeads):
         rows = jax.lax.cond(can_win, spelled, lambda _: spellings[word], None)
         return rows.reshape(*hidden.shape[:-1], self.config.k)
 
-    def _checked(self, hidden: jax.Array, search: tuple[jax.Array, jax.Array],
-                 unembedding: jax.Array, spelling: DeviceSpelling
-                 ) -> tuple[jax.Array, jax.Array]:
-        """The chain's candidates checked against the LM head: of the `search`'s rows `[N, B,
-        k]`, the one whose token has the highest logit `u_v·h`, and that logit `[N]` (-inf when
-        no row spells a token). The word rows are the LM head's own, so the two compare."""
-        rows, _ = search
+    def _checked(self, hidden: jax.Array, rows: jax.Array, unembedding: jax.Array,
+                 spelling: DeviceSpelling) -> tuple[jax.Array, jax.Array]:
+        """The chain's candidates checked against the LM head: of the search's rows `[N, B, k]`,
+        the one whose token has the highest logit `u_v·h`, and that logit `[N]` (-inf when no
+        row spells a token). The word rows are the LM head's own, so the two compare."""
         tokens = spelling.lookup(rows)  # [N, B]: -1 where a free row spells no token
         candidates = unembedding[jnp.maximum(tokens, 0)].astype(self.dtype)  # [N, B, d]
         logits = jnp.einsum("nd,nbd->nb", hidden.astype(self.dtype), candidates,

@@ -39,15 +39,14 @@ class ResidualMLP(nnx.Module):
 
 
 def lm_head_mean_init(spelling: SpellingTable, unembedding: np.ndarray,
-                      token_prior: np.ndarray | None, spelled: np.ndarray | None = None
+                      token_prior: np.ndarray | None, spelled: np.ndarray
                       ) -> tuple[jax.Array, np.ndarray]:
     """Head i from the unembedding `[V, d]`: with token weights w (the `token_prior`, else
-    uniform) and S the valid (and `spelled`, bool `[V]`, if given) tokens whose i-th symbol is
-    c, `W_i[:, c]` = the w-weighted mean of `u_v` over S and `b_i[c] = log Σ_S w_v`, a
-    first-order estimate of the log marginal `log Σ_S exp(h·u_v)`. Returns the kernel
-    `[k, d, C]` and the bias `[k, C]` (0 where no such token has c at i)."""
+    uniform) and S the `spelled` tokens (bool `[V]`) whose i-th symbol is c, `W_i[:, c]` = the
+    w-weighted mean of `u_v` over S and `b_i[c] = log Σ_S w_v`, a first-order estimate of the
+    log marginal `log Σ_S exp(h·u_v)`. Returns the kernel `[k, d, C]` and the bias `[k, C]` (0
+    where no such token has c at i)."""
     k, c, table = spelling.k, spelling.num_symbols, spelling.table
-    spelled = spelling.valid if spelled is None else spelled
     weights = np.where(spelled, 1.0 if token_prior is None else token_prior, 0.0)
     binned = np.where(spelled[:, None], table, c)  # other rows fall into an ignored bin c
     mass = np.stack([np.bincount(binned[:, i], weights=weights, minlength=c + 1)[:c]
